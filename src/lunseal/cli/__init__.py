@@ -1,0 +1,1 @@
+"""The ``lunseal`` command line."""

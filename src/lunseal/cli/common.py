@@ -1,0 +1,64 @@
+"""What every CLI subcommand shares: finding the array and printing results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from lunseal.client import ArrayClient
+from lunseal.errors import InvalidArgument
+from lunseal.home import resolve_home
+
+console = Console()
+
+
+class _Options(Protocol):
+    home: Any
+    url: str | None
+    token: str | None
+    json: bool
+
+
+def options(ctx: typer.Context) -> _Options:
+    obj = ctx.find_root().obj
+    assert obj is not None
+    return obj  # type: ignore[no-any-return]
+
+
+def client(ctx: typer.Context) -> ArrayClient:
+    """The array named by --url/--token, else the daemon of the data directory."""
+    opts = options(ctx)
+    if opts.url:
+        if not opts.token:
+            raise InvalidArgument("--url needs --token (or LUNSEAL_TOKEN)")
+        return ArrayClient(opts.url, opts.token)
+    return ArrayClient.for_home(resolve_home(opts.home))
+
+
+def emit(
+    ctx: typer.Context, data: BaseModel | Sequence[BaseModel] | None, human: Callable[[], None]
+) -> None:
+    """Print ``data`` as JSON with --json, else call ``human`` to print for people."""
+    if options(ctx).json:
+        if data is None:
+            payload: Any = None
+        elif isinstance(data, BaseModel):
+            payload = data.model_dump(mode="json")
+        else:
+            payload = [item.model_dump(mode="json") for item in data]
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        human()
+
+
+def table(*columns: str) -> Table:
+    t = Table(show_edge=False, header_style="bold")
+    for col in columns:
+        t.add_column(col, justify="right" if col in {"#", "SIZE", "CONNS"} else "left")
+    return t

@@ -1,0 +1,87 @@
+"""Entry point of the ``lunseal`` command: global options and the one error handler.
+
+Subcommands live in one module each.  User errors (any :class:`LunsealError`)
+print one line to stderr and exit with the error's code; only real bugs show
+a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from lunseal import __version__
+from lunseal.cli import lun, serve, status
+from lunseal.errors import LunsealError
+
+app = typer.Typer(
+    name="lunseal",
+    help="lunseal: a software disk array with trustworthy LUN state tokens.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@dataclass
+class GlobalOptions:
+    home: Path | None
+    url: str | None
+    token: str | None
+    json: bool
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lunseal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    home: Path | None = typer.Option(
+        None, "--home", envvar="LUNSEAL_HOME", help="data directory [default: ./lunseal-data]"
+    ),
+    url: str | None = typer.Option(
+        None, "--url", envvar="LUNSEAL_URL", help="API URL of a remote array"
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar="LUNSEAL_TOKEN", help="API token for --url"
+    ),
+    json_output: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version"
+    ),
+) -> None:
+    ctx.obj = GlobalOptions(home=home, url=url, token=token, json=json_output)
+
+
+app.command("serve")(serve.serve)
+app.command("status")(status.status)
+app.add_typer(lun.app, name="lun")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LunsealError as exc:
+        print(f"lunseal: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("lunseal: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,51 @@
+"""``lunseal serve``: run the array daemon in the foreground."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from lunseal.daemon import DaemonConfig, run
+from lunseal.home import resolve_home
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def serve(
+    ctx: typer.Context,
+    nbd_listen: str = typer.Option("127.0.0.1", help="address of the NBD TCP listener"),
+    nbd_port: int = typer.Option(10809, help="NBD TCP port (0 picks a free one)"),
+    unix_socket: bool = typer.Option(True, help="also serve NBD on HOME/nbd.sock"),
+    api_listen: str = typer.Option("127.0.0.1", help="address of the management API"),
+    api_port: int = typer.Option(10810, help="management API port (0 picks a free one)"),
+    demo: bool = typer.Option(True, help="create a 1G LUN 'demo' in a new data directory"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+    log_file: Path | None = typer.Option(None, help="also append logs to this file"),
+) -> None:
+    """Run the array: serve LUNs over NBD and the management API until SIGTERM."""
+    configure_logging(log_level, log_file)
+    home = resolve_home(ctx.obj.home if ctx.obj else None)
+    code = run(
+        DaemonConfig(
+            home=home,
+            nbd_host=nbd_listen,
+            nbd_port=nbd_port,
+            unix_socket=unix_socket,
+            api_host=api_listen,
+            api_port=api_port,
+            demo_lun=demo,
+        )
+    )
+    raise typer.Exit(code)
+
+
+def configure_logging(level: str, log_file: Path | None) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=numeric, format=LOG_FORMAT, handlers=handlers, force=True)

@@ -1,0 +1,121 @@
+"""A small typed client for the management API, used by the CLI and host tools.
+
+It finds a local daemon through its data directory (``daemon.json`` and the
+``api-token`` file) or talks to an explicit URL with an explicit token, as a
+tool on another host would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunUpdate
+from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, LunsealError
+from lunseal.home import Home
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ArrayClient:
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
+
+    @classmethod
+    def for_home(cls, root: Path) -> ArrayClient:
+        """Connect to the daemon that serves the data directory ``root``."""
+        home = Home(root)
+        try:
+            info = json.loads(home.daemon_info.read_text())
+            token = home.api_token.read_text().strip()
+        except FileNotFoundError:
+            raise DaemonUnavailable(
+                f"no lunseal daemon is running for {root} (start one with: "
+                f"lunseal --home {root} serve)"
+            ) from None
+        return cls(str(info["api_url"]), token)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ArrayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport --------------------------------------------------------------
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise DaemonUnavailable(f"cannot reach the lunseal API at {self.url}: {exc}") from exc
+        if response.is_error:
+            raise _error_from(response)
+        return response
+
+    def _get(self, model: type[M], path: str) -> M:
+        return model.model_validate(self._call("GET", path).json())
+
+    # -- array ------------------------------------------------------------------
+
+    def status(self) -> ArrayStatus:
+        return self._get(ArrayStatus, "/v1/status")
+
+    # -- LUNs -------------------------------------------------------------------
+
+    def list_luns(self) -> list[LunInfo]:
+        return [LunInfo.model_validate(item) for item in self._call("GET", "/v1/luns").json()]
+
+    def show_lun(self, name: str) -> LunInfo:
+        return self._get(LunInfo, f"/v1/luns/{_quote(name)}")
+
+    def create_lun(
+        self,
+        name: str,
+        size: str | int | None,
+        *,
+        number: int | None = None,
+        read_only: bool = False,
+        path: str | None = None,
+    ) -> LunInfo:
+        body = LunCreate(name=name, size=size, number=number, read_only=read_only, path=path)
+        response = self._call("POST", "/v1/luns", json=body.model_dump(exclude_none=True))
+        return LunInfo.model_validate(response.json())
+
+    def grow_lun(self, name: str, size: str | int) -> LunInfo:
+        body = LunGrow(size=size).model_dump()
+        response = self._call("POST", f"/v1/luns/{_quote(name)}/grow", json=body)
+        return LunInfo.model_validate(response.json())
+
+    def update_lun(self, name: str, *, read_only: bool | None = None) -> LunInfo:
+        body = LunUpdate(read_only=read_only).model_dump(exclude_none=True)
+        response = self._call("PATCH", f"/v1/luns/{_quote(name)}", json=body)
+        return LunInfo.model_validate(response.json())
+
+    def delete_lun(self, name: str, *, force: bool = False) -> None:
+        params = {"force": "true"} if force else {}
+        self._call("DELETE", f"/v1/luns/{_quote(name)}", params=params)
+
+
+def _quote(name: str) -> str:
+    return httpx.URL("/" + name).raw_path.decode().lstrip("/").replace("/", "%2F")
+
+
+def _error_from(response: httpx.Response) -> LunsealError:
+    try:
+        body = response.json()
+        cls = ERRORS_BY_CODE.get(str(body.get("error")), LunsealError)
+        return cls(str(body.get("message")))
+    except (ValueError, AttributeError):
+        return LunsealError(f"API error {response.status_code}: {response.text[:200]}")

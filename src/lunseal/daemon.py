@@ -1,0 +1,162 @@
+"""The array daemon: one process, one event loop, NBD and the API side by side.
+
+Start-up order: lock and open the data directory, bind every listener (so
+port 0 resolves to a real port), then publish ``daemon.json`` so the CLI can
+find us.  SIGTERM/SIGINT: stop accepting, let connections send what they owe,
+flush every LUN, record a clean shutdown, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+import uvloop
+
+from lunseal import __version__
+from lunseal.api.app import DaemonContext, create_app
+from lunseal.engine.array import CATALOG_FILE, Array
+from lunseal.fsutil import atomic_write_json
+from lunseal.home import Home
+from lunseal.nbd.server import NbdServer
+
+log = logging.getLogger("lunseal.daemon")
+
+DEMO_LUN = "demo"
+DEMO_SIZE = 1 << 30
+
+
+@dataclass
+class DaemonConfig:
+    home: Path
+    nbd_host: str = "127.0.0.1"
+    nbd_port: int = 10809
+    unix_socket: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 10810
+    demo_lun: bool = True
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def run(config: DaemonConfig) -> int:
+    return int(uvloop.run(_serve(config)))
+
+
+async def _serve(cfg: DaemonConfig) -> int:
+    home = Home(cfg.home)
+    home.ensure()
+    token = home.load_or_create_token()
+    fresh = not (home.root / CATALOG_FILE).exists()
+    array = Array.open(home.root)
+    try:
+        if fresh and cfg.demo_lun and not array.luns():
+            array.create_lun(DEMO_LUN, DEMO_SIZE)
+        return await _run_servers(cfg, home, array, token)
+    finally:
+        array.close()
+        log.info("array closed cleanly")
+
+
+async def _run_servers(cfg: DaemonConfig, home: Home, array: Array, token: str) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    nbd = NbdServer(array)
+    await nbd.listen_tcp(cfg.nbd_host, cfg.nbd_port)
+    if cfg.unix_socket:
+        await nbd.listen_unix(home.nbd_socket)
+
+    api_sock = _bind_api_socket(cfg.api_host, cfg.api_port)
+    api_host, api_port = api_sock.getsockname()[:2]
+    ctx = DaemonContext(array=array, nbd=nbd, token=token)
+    ctx.api_url = f"http://{_url_host(api_host)}:{api_port}"
+    api = _EmbeddedUvicorn(
+        uvicorn.Config(create_app(ctx), log_level="warning", lifespan="off", access_log=False)
+    )
+    api_task = asyncio.create_task(api.serve(sockets=[api_sock]))
+
+    _publish(home, nbd, ctx.api_url)
+    _print_banner(home, array, nbd, ctx.api_url)
+    try:
+        await _wait_for_stop(stop, api_task)
+    finally:
+        log.info("shutting down: closing listeners and connections")
+        api.should_exit = True
+        with contextlib.suppress(Exception):
+            await api_task
+        await nbd.close()
+        home.daemon_info.unlink(missing_ok=True)
+    return 0
+
+
+async def _wait_for_stop(stop: asyncio.Event, api_task: asyncio.Task[None]) -> None:
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopper, api_task}, return_when=asyncio.FIRST_COMPLETED)
+    if api_task in done:
+        stopper.cancel()
+        api_task.result()  # surface why the API server died
+        raise RuntimeError("the API server stopped unexpectedly")
+
+
+def _bind_api_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _publish(home: Home, nbd: NbdServer, api_url: str) -> None:
+    tcp = nbd.tcp_address
+    atomic_write_json(
+        home.daemon_info,
+        {
+            "pid": os.getpid(),
+            "version": __version__,
+            "api_url": api_url,
+            "nbd_tcp": f"{_url_host(tcp[0])}:{tcp[1]}" if tcp else None,
+            "nbd_unix": str(nbd.unix_path) if nbd.unix_path else None,
+        },
+    )
+
+
+def _print_banner(home: Home, array: Array, nbd: NbdServer, api_url: str) -> None:
+    lines = [f"lunseal {__version__} serving array {array.array_id} from {home.root}"]
+    tcp = nbd.tcp_address
+    for lun in array.luns()[:5]:
+        if tcp:
+            lines.append(f"  NBD  nbd://{_url_host(tcp[0])}:{tcp[1]}/{lun.name}")
+        if nbd.unix_path:
+            lines.append(f"  NBD  nbd+unix:///{lun.name}?socket={nbd.unix_path}")
+    if not array.luns():
+        lines.append("  no LUNs yet: lunseal lun create NAME SIZE")
+    lines.append(f"  API  {api_url}  (bearer token in {home.api_token}; OpenAPI: /openapi.json)")
+    lines.append(f"  CLI  lunseal --home {home.root} lun list")
+    lines.append("  try  qemu-img info " + (f"nbd://{_url_host(tcp[0])}:{tcp[1]}/" if tcp else ""))
+    print("\n".join(lines), flush=True)
+    if sys.stdout is not None:
+        sys.stdout.flush()

@@ -1,0 +1,121 @@
+"""The SQLite catalog: everything that must survive a restart.
+
+One database file in the data directory, WAL mode, ``synchronous=FULL``:
+catalog changes are rare management operations, so every commit is durable.
+Schema changes bump ``SCHEMA_VERSION`` and add a migration step.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from lunseal.engine.lun import LunRecord
+from lunseal.errors import LunsealError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS luns (
+    uuid       TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    number     INTEGER NOT NULL UNIQUE,
+    size       INTEGER NOT NULL,
+    backend    TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    owned      INTEGER NOT NULL,
+    read_only  INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+_LUN_COLUMNS = "uuid, name, number, size, backend, path, owned, read_only, created_at"
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # The engine runs on one thread; the API's handlers run on the same loop.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._db:
+            self._db.executescript(_SCHEMA)
+            found = self.get_meta("schema_version")
+            if found is None:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            elif int(found) > SCHEMA_VERSION:
+                raise LunsealError(
+                    f"catalog {self.path} has schema version {found}, newer than this "
+                    f"lunseal ({SCHEMA_VERSION}); upgrade lunseal"
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- meta ---------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- LUNs -----------------------------------------------------------------
+
+    def luns(self) -> list[LunRecord]:
+        rows = self._db.execute(f"SELECT {_LUN_COLUMNS} FROM luns ORDER BY number").fetchall()
+        return [_record(row) for row in rows]
+
+    def insert_lun(self, rec: LunRecord) -> None:
+        self._db.execute(
+            f"INSERT INTO luns ({_LUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.uuid,
+                rec.name,
+                rec.number,
+                rec.size,
+                rec.backend,
+                rec.path,
+                int(rec.owned),
+                int(rec.read_only),
+                rec.created_at,
+            ),
+        )
+
+    def update_lun(self, rec: LunRecord) -> None:
+        self._db.execute(
+            "UPDATE luns SET name = ?, number = ?, size = ?, read_only = ? WHERE uuid = ?",
+            (rec.name, rec.number, rec.size, int(rec.read_only), rec.uuid),
+        )
+
+    def delete_lun(self, uuid: str) -> None:
+        self._db.execute("DELETE FROM luns WHERE uuid = ?", (uuid,))
+
+
+def _record(row: tuple[object, ...]) -> LunRecord:
+    uuid, name, number, size, backend, path, owned, read_only, created_at = row
+    return LunRecord(
+        uuid=str(uuid),
+        name=str(name),
+        number=int(number),  # type: ignore[call-overload]
+        size=int(size),  # type: ignore[call-overload]
+        backend=str(backend),
+        path=str(path),
+        owned=bool(owned),
+        read_only=bool(read_only),
+        created_at=float(created_at),  # type: ignore[arg-type]
+    )

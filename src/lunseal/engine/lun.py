@@ -1,0 +1,206 @@
+"""A LUN and its single entry point for every data operation.
+
+Every data-changing operation (write, trim, zero, grow) passes through
+:meth:`Lun._accept_change` *before* the backend is touched.  Change listeners
+(the state tracker, change maps, mirror fan-out) hook in there, so nothing can
+modify a LUN's data without them seeing it first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from lunseal.engine.backend import Backend, Extent
+from lunseal.errors import InvalidArgument, NoSpace, OutOfRange, ReadOnly
+
+NAME_MAX = 64
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SECTOR = 512
+MAX_LUN_SIZE = 1 << 50  # 1 PiB: far beyond anything here, small enough to catch typos
+MAX_LUN_NUMBER = 16383  # the SAM flat-space addressing limit, for a later iSCSI target
+
+#: Called as ``listener(lun, offset, length)`` when a change is accepted.
+ChangeListener = Callable[["Lun", int, int], None]
+
+
+def validate_name(name: str) -> str:
+    if not name or len(name) > NAME_MAX or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid LUN name {name!r}: use 1-{NAME_MAX} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_size(size: int) -> int:
+    if size <= 0 or size % SECTOR:
+        raise InvalidArgument(f"invalid size {size}: must be a positive multiple of {SECTOR}")
+    if size > MAX_LUN_SIZE:
+        raise InvalidArgument(f"invalid size {size}: the maximum is 1P")
+    return size
+
+
+def validate_number(number: int) -> int:
+    if not 0 <= number <= MAX_LUN_NUMBER:
+        raise InvalidArgument(f"invalid LUN number {number}: must be 0-{MAX_LUN_NUMBER}")
+    return number
+
+
+@dataclass(frozen=True)
+class LunRecord:
+    """What the catalog stores about a LUN."""
+
+    uuid: str
+    name: str
+    number: int
+    size: int
+    backend: str
+    path: str
+    owned: bool  # lunseal created the backing file and deletes it with the LUN
+    read_only: bool
+    created_at: float
+
+    def with_changes(self, **changes: object) -> LunRecord:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+class LunUser(Protocol):
+    """Something that has a LUN open (an NBD connection) and can be told to let go."""
+
+    def revoke(self, reason: str) -> None: ...
+
+
+@dataclass
+class LunStats:
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    trims: int = 0
+    zeroes: int = 0
+    flushes: int = 0
+
+
+@dataclass
+class Lun:
+    record: LunRecord
+    backend: Backend
+    users: set[LunUser] = field(default_factory=set)
+    listeners: list[ChangeListener] = field(default_factory=list)
+    stats: LunStats = field(default_factory=LunStats)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.record.read_only
+
+    # -- checks -------------------------------------------------------------
+
+    def check_read_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.record.size:
+            raise OutOfRange(
+                f"range {offset}+{length} is beyond the end of LUN {self.name} "
+                f"({self.record.size} bytes)"
+            )
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if self.record.read_only:
+            raise ReadOnly(f"LUN {self.name} is read-only")
+        if offset < 0 or length < 0 or offset + length > self.record.size:
+            raise NoSpace(
+                f"write {offset}+{length} is beyond the end of LUN {self.name} "
+                f"({self.record.size} bytes)"
+            )
+
+    def _accept_change(self, offset: int, length: int) -> None:
+        """The one gate every data change passes, before the backend is touched."""
+        for listener in self.listeners:
+            listener(self, offset, length)
+
+    # -- data path ------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.check_read_range(offset, length)
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return self.backend.read(offset, length)
+
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        length = len(data)
+        self._check_write(offset, length)
+        self._accept_change(offset, length)
+        self.stats.writes += 1
+        self.stats.bytes_written += length
+        self.backend.write(offset, data)
+        if fua:
+            self.backend.flush()
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_write(offset, length)
+        self._accept_change(offset, length)
+        self.stats.trims += 1
+        self.backend.trim(offset, length)
+        if fua:
+            self.backend.flush()
+
+    def zero(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = True,
+        fast_only: bool = False,
+        fua: bool = False,
+    ) -> None:
+        self._check_write(offset, length)
+        # A fast zero the backend then refuses has still been accepted as a change:
+        # reporting "changed" for data that did not change is the safe direction.
+        self._accept_change(offset, length)
+        self.stats.zeroes += 1
+        self.backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+        if fua:
+            self.backend.flush()
+
+    def flush(self) -> None:
+        self.stats.flushes += 1
+        self.backend.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        self.check_read_range(offset, length)
+        self.backend.cache(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self.check_read_range(offset, length)
+        return self.backend.extents(offset, length)
+
+    # -- management -------------------------------------------------------------
+
+    def grow(self, new_size: int) -> None:
+        """Grow the LUN (data-changing: the new tail appears as zeroes)."""
+        validate_size(new_size)
+        if new_size <= self.record.size:
+            raise InvalidArgument(
+                f"new size {new_size} must be larger than the current size {self.record.size}"
+                " (LUNs can only grow)"
+            )
+        old = self.record.size
+        self._accept_change(old, new_size - old)
+        self.backend.resize(new_size)
+        self.record = self.record.with_changes(size=new_size)
+
+    def revoke_users(self, reason: str) -> None:
+        for user in list(self.users):
+            user.revoke(reason)
+        self.users.clear()

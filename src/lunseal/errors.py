@@ -1,0 +1,139 @@
+"""The one exception hierarchy of lunseal.
+
+Every error a user can cause or see derives from :class:`LunsealError`.  The
+wire codes that front ends need (HTTP status, CLI exit code, NBD errno) are
+data on the classes, so each front end maps errors in exactly one place::
+
+    LunsealError
+    +-- InvalidArgument        bad name, size, flag or range          (400, EINVAL)
+    |   +-- OutOfRange         request beyond the end of a LUN        (400, EINVAL)
+    |   +-- NoSpace            write beyond the end of a LUN          (400, ENOSPC)
+    +-- NotFound               no such LUN                            (404)
+    +-- Conflict               name/number taken, LUN in use          (409)
+    +-- ReadOnly               write to a read-only LUN               (403, EPERM)
+    +-- NotSupported           operation the backend cannot do        (400, ENOTSUP)
+    +-- BackendError           the storage failed                     (500, EIO)
+    +-- Unauthorized           missing or wrong API token             (401)
+    +-- DaemonUnavailable      the CLI cannot reach a daemon          (exit 5)
+    +-- DataDirLocked          another daemon owns the data directory (exit 6)
+    +-- ProtocolError          malformed wire framing: the connection is closed
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class LunsealError(Exception):
+    """Root of all lunseal errors; ``message`` is shown to the user as is."""
+
+    http_status = 500
+    exit_code = 1
+    nbd_errno = errno.EIO
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(LunsealError):
+    http_status = 400
+    exit_code = 2
+    nbd_errno = errno.EINVAL
+    code = "invalid_argument"
+
+
+class OutOfRange(InvalidArgument):
+    code = "out_of_range"
+
+
+class NoSpace(InvalidArgument):
+    nbd_errno = errno.ENOSPC
+    code = "no_space"
+
+
+class NotFound(LunsealError):
+    http_status = 404
+    exit_code = 3
+    code = "not_found"
+
+
+class Conflict(LunsealError):
+    http_status = 409
+    exit_code = 4
+    code = "conflict"
+
+
+class ReadOnly(LunsealError):
+    http_status = 403
+    exit_code = 4
+    nbd_errno = errno.EPERM
+    code = "read_only"
+
+
+class NotSupported(LunsealError):
+    http_status = 400
+    exit_code = 2
+    nbd_errno = errno.ENOTSUP
+    code = "not_supported"
+
+
+class BackendError(LunsealError):
+    http_status = 500
+    exit_code = 1
+    nbd_errno = errno.EIO
+    code = "backend_error"
+
+    @classmethod
+    def from_os_error(cls, what: str, exc: OSError) -> BackendError:
+        err = cls(f"{what}: {exc.strerror or exc}")
+        # Keep ENOSPC/EDQUOT visible to NBD clients: "disk full" is actionable.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            err.nbd_errno = errno.ENOSPC
+        return err
+
+
+class Unauthorized(LunsealError):
+    http_status = 401
+    exit_code = 7
+    code = "unauthorized"
+
+
+class DaemonUnavailable(LunsealError):
+    http_status = 503
+    exit_code = 5
+    code = "daemon_unavailable"
+
+
+class DataDirLocked(LunsealError):
+    exit_code = 6
+    code = "data_dir_locked"
+
+
+class ProtocolError(LunsealError):
+    """A peer broke the framing of a wire protocol; only that connection is dropped."""
+
+    code = "protocol_error"
+
+
+#: Every error class by its stable ``code``, so the API client can rebuild the
+#: exception the daemon raised.
+ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
+    cls.code: cls
+    for cls in (
+        LunsealError,
+        InvalidArgument,
+        OutOfRange,
+        NoSpace,
+        NotFound,
+        Conflict,
+        ReadOnly,
+        NotSupported,
+        BackendError,
+        Unauthorized,
+        DaemonUnavailable,
+        DataDirLocked,
+        ProtocolError,
+    )
+}
