@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A running daemon in a fresh data directory (with its 1G LUN 'demo')."""
+    d = Daemon(tmp_path / "home").start()
+    try:
+        yield d
+    finally:
+        d.kill()
