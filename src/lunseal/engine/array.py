@@ -179,12 +179,15 @@ class Array:
             if not path.is_file():
                 raise InvalidArgument(f"{path} is not a regular file")
             backend = FileBackend(path)
-            if size is not None and size != backend.size:
+            try:
+                if size is not None and size != backend.size:
+                    raise InvalidArgument(
+                        f"{path} is {backend.size} bytes, not {size}; omit the size to use the file"
+                    )
+                validate_size(backend.size)
+            except InvalidArgument:
                 backend.close()
-                raise InvalidArgument(
-                    f"{path} is {backend.size} bytes, not {size}; omit the size to use the file"
-                )
-            validate_size(backend.size)
+                raise
             return backend, False
         if size is None:
             raise InvalidArgument(f"{path} does not exist; give a size to create it")

@@ -31,6 +31,16 @@ class Extent:
         return self.offset + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class FileSlice:
+    """A range of an open file that a front end may send without copying it
+    through user space (``sendfile``).  Reading past the file's end yields zeroes."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 class Backend(ABC):
     """Byte storage of a fixed (but growable) size."""
 
@@ -67,6 +77,10 @@ class Backend(ABC):
     @abstractmethod
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Cover at least ``[offset, offset+length)``, merged, in order, clipped to size."""
+
+    def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
+        """Like :meth:`read`, but a file-based backend may return a zero-copy slice."""
+        return self.read(offset, length)
 
     def cache(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
         """Advisory: prefetch the range.  Backends without a cache ignore it."""

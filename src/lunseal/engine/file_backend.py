@@ -13,7 +13,7 @@ import errno
 import os
 from pathlib import Path
 
-from lunseal.engine.backend import Backend, Extent, merge_extents
+from lunseal.engine.backend import Backend, Extent, FileSlice, merge_extents
 from lunseal.errors import BackendError, NotSupported
 
 # linux/falloc.h
@@ -72,6 +72,9 @@ class FileBackend(Backend):
             # The file was shortened behind our back: the missing tail reads as zeroes.
             data += bytes(length - len(data))
         return data
+
+    def read_slice(self, offset: int, length: int) -> FileSlice:
+        return FileSlice(self._fd, offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

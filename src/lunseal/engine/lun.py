@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from lunseal.engine.backend import Backend, Extent
+from lunseal.engine.backend import Backend, Extent, FileSlice
 from lunseal.errors import InvalidArgument, NoSpace, OutOfRange, ReadOnly
 
 NAME_MAX = 64
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: "$" would accept "x\n"
 SECTOR = 512
 MAX_LUN_SIZE = 1 << 50  # 1 PiB: far beyond anything here, small enough to catch typos
 MAX_LUN_NUMBER = 16383  # the SAM flat-space addressing limit, for a later iSCSI target
@@ -27,7 +27,7 @@ ChangeListener = Callable[["Lun", int, int], None]
 
 
 def validate_name(name: str) -> str:
-    if not name or len(name) > NAME_MAX or not _NAME_RE.match(name):
+    if not name or len(name) > NAME_MAX or not _NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid LUN name {name!r}: use 1-{NAME_MAX} letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -134,6 +134,13 @@ class Lun:
         self.stats.reads += 1
         self.stats.bytes_read += length
         return self.backend.read(offset, length)
+
+    def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
+        """A read whose data the caller may send zero-copy (see :class:`FileSlice`)."""
+        self.check_read_range(offset, length)
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return self.backend.read_slice(offset, length)
 
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False

@@ -114,7 +114,9 @@ class ServerCodec:
         # Grow only when a whole frame cannot fit; never shrink below the initial size.
         want = max(_INITIAL_BUFFER, pending + need)
         if want > size:
-            new = bytearray(max(want, size * 2))
+            # Room for several frames of this size: compaction (a memmove of the
+            # partial frame at the tail) then happens once per few frames.
+            new = bytearray(max(want + 3 * need, size * 2))
             new[:pending] = self._buf[self._start : self._end]
             self._buf = new
         elif pending:
@@ -220,12 +222,20 @@ class ServerCodec:
 # -- builders (server -> client) ---------------------------------------------
 
 
+def _capped(text: str) -> bytes:
+    """``text`` as UTF-8, cut to the protocol's string limit on a character boundary."""
+    raw = text.encode()
+    if len(raw) <= c.MAX_STRING:
+        return raw
+    return raw[: c.MAX_STRING].decode(errors="ignore").encode()
+
+
 def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
     return _OPTION_REPLY.pack(c.OPTION_REPLY_MAGIC, option, reply_type, len(data)) + data
 
 
 def option_error(option: int, reply_type: int, message: str) -> bytes:
-    return option_reply(option, reply_type, message.encode()[: c.MAX_STRING])
+    return option_reply(option, reply_type, _capped(message))
 
 
 def export_name_reply(size: int, tflags: int, *, no_zeroes: bool) -> bytes:
@@ -241,7 +251,7 @@ def info_name(name: str) -> bytes:
 
 
 def info_description(text: str) -> bytes:
-    return _U16.pack(c.INFO_DESCRIPTION) + text.encode()[: c.MAX_STRING]
+    return _U16.pack(c.INFO_DESCRIPTION) + _capped(text)
 
 
 def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
@@ -250,7 +260,7 @@ def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
 
 def server_entry(name: str, description: str = "") -> bytes:
     raw = name.encode()
-    return _U32.pack(len(raw)) + raw + description.encode()[: c.MAX_STRING]
+    return _U32.pack(len(raw)) + raw + _capped(description)
 
 
 def meta_context_entry(context_id: int, name: str) -> bytes:
@@ -282,7 +292,7 @@ def none_chunk(cookie: int) -> bytes:
 
 
 def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    raw = message.encode()[: c.MAX_STRING]
+    raw = _capped(message)
     body = struct.pack(">IH", error, len(raw)) + raw
     return chunk_header(c.REPLY_FLAG_DONE, c.REPLY_TYPE_ERROR, cookie, len(body)) + body
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from lunseal.engine.backend import Extent
+from lunseal.engine.backend import Extent, FileSlice
 from lunseal.engine.lun import Lun
 from lunseal.errors import LunsealError
 from lunseal.nbd import codec
@@ -36,7 +36,8 @@ _ALLOWED_FLAGS = {
     c.CMD_BLOCK_STATUS: c.CMD_FLAG_REQ_ONE,
 }
 
-Buffers = list[bytes | memoryview]
+#: Reply pieces: bytes to send, or a file range the connection sends zero-copy.
+Buffers = list[bytes | memoryview | FileSlice]
 
 
 class RequestError(Exception):
@@ -104,14 +105,14 @@ class Transmission:
         self.lun.check_read_range(req.offset, req.length)
         if not self.structured:
             out.append(codec.simple_reply(req.cookie))
-            out.append(self.lun.read(req.offset, req.length))
+            out.append(self.lun.read_slice(req.offset, req.length))
         elif req.length == 0:
             out.append(codec.none_chunk(req.cookie))
         elif req.length >= HOLE_SCAN_MIN and not req.flags & c.CMD_FLAG_DF:
             self._read_sparse(req, out)
         else:
             out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
-            out.append(self.lun.read(req.offset, req.length))
+            out.append(self.lun.read_slice(req.offset, req.length))
 
     def _read_sparse(self, req: Request, out: Buffers) -> None:
         extents = _clip(self.lun.extents(req.offset, req.length), req.offset, req.length)
@@ -122,7 +123,7 @@ class Transmission:
                 out.append(codec.hole_chunk(req.cookie, ext.offset, ext.length, done=done))
             else:
                 out.append(codec.data_chunk_header(req.cookie, ext.offset, ext.length, done=done))
-                out.append(self.lun.read(ext.offset, ext.length))
+                out.append(self.lun.read_slice(ext.offset, ext.length))
 
     def _write(self, req: Request, out: Buffers) -> None:
         if req.oversize or req.payload is None:
