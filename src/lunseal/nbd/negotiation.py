@@ -45,6 +45,8 @@ class Negotiator:
         try:
             return handler(self, option, data)
         except codec.OptionDataError as exc:
+            if option == c.OPT_EXPORT_NAME:
+                return Outcome([], close=True)  # no error reply exists for it: hang up
             return Outcome([codec.option_error(option, c.REP_ERR_INVALID, str(exc))])
 
     @property
@@ -109,6 +111,9 @@ class Negotiator:
         return Outcome([codec.option_reply(option, c.REP_ACK)])
 
     def _meta_context(self, option: int, data: bytes) -> Outcome:
+        if option == c.OPT_SET_META_CONTEXT:
+            # SET replaces the selection even when it fails.
+            self.meta_export, self.meta_contexts = None, {}
         if not self.structured:
             return Outcome(
                 [
@@ -131,7 +136,9 @@ class Negotiator:
             self.meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if chosen else {}
         replies = []
         if chosen:
-            entry = codec.meta_context_entry(BASE_ALLOCATION_ID, BASE_ALLOCATION)
+            # LIST replies carry a reserved id that SHOULD be 0.
+            context_id = BASE_ALLOCATION_ID if option == c.OPT_SET_META_CONTEXT else 0
+            entry = codec.meta_context_entry(context_id, BASE_ALLOCATION)
             replies.append(codec.option_reply(option, c.REP_META_CONTEXT, entry))
         replies.append(codec.option_reply(option, c.REP_ACK))
         return Outcome(replies)

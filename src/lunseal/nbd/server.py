@@ -110,15 +110,19 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._request(event, out)
                 else:
                     self._negotiate(event, out)
-                # Flush large replies early so memory stays bounded by the high water mark.
+                # Send early so queued replies stay bounded by the high water mark.
                 if len(out) > 64:
                     self._send(out)
+            self._send(out)
         except ProtocolError as exc:
             log.warning("NBD client %s: %s; closing the connection", self.peer, exc.message)
-            self._send(out)
             self.close()
-            return
-        self._send(out)
+        except OSError as exc:
+            # A reply whose header is out cannot be turned into an error any more.
+            log.error("NBD client %s: sending a reply failed: %s; dropping", self.peer, exc)
+            out.clear()
+            if self.transport is not None:
+                self.transport.abort()
 
     def _send(self, out: Buffers) -> None:
         """Send queued reply pieces in order; large file slices go zero-copy."""
