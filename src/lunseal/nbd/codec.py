@@ -40,6 +40,8 @@ CHUNK_HEADER_SIZE = _CHUNK_HEADER.size
 HANDSHAKE, OPTIONS, TRANSMISSION, CLOSED = "handshake", "options", "transmission", "closed"
 
 _INITIAL_BUFFER = 256 << 10
+_MAX_SLACK = 8 << 20
+_SHRINK_ABOVE = 16 << 20
 
 
 @dataclass(slots=True)
@@ -90,6 +92,10 @@ class ServerCodec:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Free space to receive into (``asyncio.BufferedProtocol.get_buffer``)."""
         need = max(sizehint, 64 << 10)
+        if self._start == self._end and len(self._buf) > _SHRINK_ABOVE:
+            # Idle after a huge frame: give the memory back.
+            self._buf = bytearray(_INITIAL_BUFFER)
+            self._start = self._end = 0
         if len(self._buf) - self._end < need:
             self._compact(need)
         return memoryview(self._buf)[self._end :]
@@ -111,12 +117,13 @@ class ServerCodec:
     def _compact(self, need: int) -> None:
         pending = self._end - self._start
         size = len(self._buf)
-        # Grow only when a whole frame cannot fit; never shrink below the initial size.
         want = max(_INITIAL_BUFFER, pending + need)
-        if want > size:
-            # Room for several frames of this size: compaction (a memmove of the
-            # partial frame at the tail) then happens once per few frames.
-            new = bytearray(max(want + 3 * need, size * 2))
+        # Room for a few frames of this size, so compaction (a memmove of the
+        # partial frame at the tail) happens once per few frames; the slack is
+        # bounded and a buffer grown for a rare huge WRITE is given back.
+        target = want + min(3 * need, _MAX_SLACK)
+        if want > size or size > max(target, _SHRINK_ABOVE):
+            new = bytearray(target)
             new[:pending] = self._buf[self._start : self._end]
             self._buf = new
         elif pending:
@@ -130,6 +137,11 @@ class ServerCodec:
             self._skip -= n
         if self._start == self._end:
             self._start = self._end = 0
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the receive buffer holds now (bounded: see ``_compact``)."""
+        return len(self._buf)
 
     @property
     def pending_bytes(self) -> int:

@@ -25,15 +25,17 @@ HOLE_SCAN_MIN = 256 << 10
 #: Largest extent length that fits the u32 field, kept 4 KiB aligned.
 MAX_EXTENT = 0xFFFFF000
 
+# FUA is accepted on every command once advertised (the protocol requires it;
+# some clients set it on reads); it only has an effect on the writing ones.
 _ALLOWED_FLAGS = {
-    c.CMD_READ: c.CMD_FLAG_DF,
+    c.CMD_READ: c.CMD_FLAG_FUA | c.CMD_FLAG_DF,
     c.CMD_WRITE: c.CMD_FLAG_FUA,
-    c.CMD_DISC: 0,
-    c.CMD_FLUSH: 0,
+    c.CMD_DISC: c.CMD_FLAG_FUA,
+    c.CMD_FLUSH: c.CMD_FLAG_FUA,
     c.CMD_TRIM: c.CMD_FLAG_FUA,
-    c.CMD_CACHE: 0,
+    c.CMD_CACHE: c.CMD_FLAG_FUA,
     c.CMD_WRITE_ZEROES: c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_FAST_ZERO,
-    c.CMD_BLOCK_STATUS: c.CMD_FLAG_REQ_ONE,
+    c.CMD_BLOCK_STATUS: c.CMD_FLAG_FUA | c.CMD_FLAG_REQ_ONE,
 }
 
 #: Reply pieces: bytes to send, or a file range the connection sends zero-copy.
