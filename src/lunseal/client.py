@@ -8,6 +8,7 @@ tool on another host would.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,7 +110,8 @@ class ArrayClient:
 
 
 def _quote(name: str) -> str:
-    return httpx.URL("/" + name).raw_path.decode().lstrip("/").replace("/", "%2F")
+    # Escape everything: a name like "x?force=true" must not become a query string.
+    return urllib.parse.quote(name, safe="")
 
 
 def _error_from(response: httpx.Response) -> LunsealError:

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lunseal import __version__
 from lunseal.api.models import (
@@ -34,7 +35,7 @@ from lunseal.api.models import (
 )
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
-from lunseal.errors import InvalidArgument, LunsealError, Unauthorized
+from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
 from lunseal.nbd.server import NbdServer
 from lunseal.units import parse_size
 
@@ -101,8 +102,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return _error_response(InvalidArgument(f"invalid request: {problems}"))
 
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        # Routing errors (no such path, wrong method) keep the {"error", "message"} shape.
+        assert isinstance(exc, StarletteHTTPException)
+        code = NotFound.code if exc.status_code == 404 else "http_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = ErrorBody(error=code, message=message).model_dump()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     app.add_exception_handler(LunsealError, on_lunseal_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
 def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:

@@ -15,7 +15,8 @@ from lunseal.client import ArrayClient
 from lunseal.errors import InvalidArgument
 from lunseal.home import resolve_home
 
-console = Console()
+# soft_wrap: never fold long lines (URIs, paths) so they survive pipes and copy-paste.
+console = Console(soft_wrap=True)
 
 
 class _Options(Protocol):

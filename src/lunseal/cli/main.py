@@ -78,10 +78,11 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:
+        # Usage errors: typer vendors click, so these are not click.ClickException.
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()  # usage line, hint and message, as click prints them
+        else:
+            print(f"lunseal: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -41,10 +41,14 @@ class Catalog:
         self.path = path
         # The engine runs on one thread; the API's handlers run on the same loop.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            self._db.close()  # e.g. a newer schema: do not leave the database open
+            raise
 
     def _migrate(self) -> None:
         with self._db:
