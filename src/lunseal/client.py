@@ -16,6 +16,14 @@ import httpx
 from pydantic import BaseModel
 
 from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunUpdate
+from lunseal.api.state_models import (
+    ChangesInfo,
+    CheckOutcome,
+    HoldAcquire,
+    HoldInfo,
+    StateInfo,
+    TokenCheck,
+)
 from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, LunsealError
 from lunseal.home import Home
 
@@ -103,6 +111,47 @@ class ArrayClient:
         body = LunUpdate(read_only=read_only).model_dump(exclude_none=True)
         response = self._call("PATCH", f"/v1/luns/{_quote(name)}", json=body)
         return LunInfo.model_validate(response.json())
+
+    # -- state tracking -----------------------------------------------------------
+
+    def acquire_hold(
+        self,
+        lun: str,
+        hold: str = "default",
+        *,
+        mode: str | None = None,
+        granularity: str | int | None = None,
+        track_changes: bool = False,
+    ) -> HoldInfo:
+        body = HoldAcquire.model_validate(
+            {"hold": hold, "mode": mode, "granularity": granularity, "track_changes": track_changes}
+        )
+        response = self._call(
+            "POST", f"/v1/luns/{_quote(lun)}/holds", json=body.model_dump(exclude_none=True)
+        )
+        return HoldInfo.model_validate(response.json())
+
+    def release_hold(self, lun: str, hold: str = "default") -> None:
+        self._call("DELETE", f"/v1/luns/{_quote(lun)}/holds/{_quote(hold)}")
+
+    def list_holds(self, lun: str) -> list[HoldInfo]:
+        items = self._call("GET", f"/v1/luns/{_quote(lun)}/holds").json()
+        return [HoldInfo.model_validate(item) for item in items]
+
+    def state(self, lun: str) -> StateInfo:
+        return self._get(StateInfo, f"/v1/luns/{_quote(lun)}/state")
+
+    def token(self, lun: str) -> StateInfo:
+        """The current token (GET_LUN_STATE); Conflict while tracking is off."""
+        return self._get(StateInfo, f"/v1/luns/{_quote(lun)}/state/token")
+
+    def check_token(self, lun: str, token: str) -> CheckOutcome:
+        body = TokenCheck(token=token).model_dump()
+        response = self._call("POST", f"/v1/luns/{_quote(lun)}/state/check", json=body)
+        return CheckOutcome.model_validate(response.json())
+
+    def changes(self, lun: str, hold: str = "default") -> ChangesInfo:
+        return self._get(ChangesInfo, f"/v1/luns/{_quote(lun)}/holds/{_quote(hold)}/changes")
 
     def delete_lun(self, name: str, *, force: bool = False) -> None:
         params = {"force": "true"} if force else {}

@@ -44,6 +44,8 @@ class DaemonConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 10810
     demo_lun: bool = True
+    #: Seconds without changes after which a LUN's state is recorded as clean.
+    clean_after: float = 2.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -93,18 +95,28 @@ async def _run_servers(cfg: DaemonConfig, home: Home, array: Array, token: str) 
     )
     api_task = asyncio.create_task(api.serve(sockets=[api_sock]))
 
+    checkpoints = asyncio.create_task(_checkpoint_loop(array, cfg.clean_after))
     _publish(home, nbd, ctx.api_url)
     _print_banner(home, array, nbd, ctx.api_url)
     try:
         await _wait_for_stop(stop, api_task)
     finally:
         log.info("shutting down: closing listeners and connections")
+        checkpoints.cancel()
         api.should_exit = True
         with contextlib.suppress(Exception):
             await api_task
         await nbd.close()
         home.daemon_info.unlink(missing_ok=True)
     return 0
+
+
+async def _checkpoint_loop(array: Array, clean_after: float) -> None:
+    """Mark LUNs clean once their changes have been idle (see engine.state)."""
+    interval = max(0.05, min(1.0, clean_after / 4))
+    while True:
+        await asyncio.sleep(interval)
+        array.checkpoint(clean_after)
 
 
 async def _wait_for_stop(stop: asyncio.Event, api_task: asyncio.Task[None]) -> None:

@@ -33,6 +33,7 @@ from lunseal.api.models import (
     LunUpdate,
     NbdEndpoints,
 )
+from lunseal.api.state_routes import install_state_routes
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
 from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
@@ -67,6 +68,7 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     _install_auth(app, ctx.token)
     _install_error_handlers(app)
     _install_routes(app, ctx)
+    install_state_routes(app, ctx.array)
     return app
 
 

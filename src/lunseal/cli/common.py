@@ -61,5 +61,9 @@ def emit(
 def table(*columns: str) -> Table:
     t = Table(show_edge=False, header_style="bold")
     for col in columns:
-        t.add_column(col, justify="right" if col in {"#", "SIZE", "CONNS"} else "left")
+        # Tokens and UUIDs are copied from here: fold them, never cut them.
+        if col in {"#", "SIZE", "CONNS"}:
+            t.add_column(col, justify="right", overflow="fold")
+        else:
+            t.add_column(col, justify="left", overflow="fold")
     return t

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from lunseal import __version__
-from lunseal.cli import lun, serve, status
+from lunseal.cli import lun, serve, state, status
 from lunseal.errors import LunsealError
 
 app = typer.Typer(
@@ -63,11 +63,37 @@ def main_options(
 app.command("serve")(serve.serve)
 app.command("status")(status.status)
 app.add_typer(lun.app, name="lun")
+app.add_typer(state.app, name="state")
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """Two conveniences click cannot express directly.
+
+    ``--json`` is accepted after the subcommand too (``lunseal lun list --json``);
+    it is moved in front, where the global option lives.  ``--track-changes``
+    takes an optional value: given bare, it means the default granularity.
+    """
+    args: list[str] = []
+    json_flag = False
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            args.extend(argv[i:])
+            break
+        if arg == "--json":
+            json_flag = True
+        elif arg == "--track-changes":
+            args.append(f"--track-changes={state.TRACK_CHANGES_DEFAULT}")
+        else:
+            args.append(arg)
+    return (["--json"] if json_flag else []) + args
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's typer.Exit code
+        # instead of exiting with it.
+        code = app(args=normalise_argv(sys.argv[1:]), prog_name="lunseal", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except LunsealError as exc:
         print(f"lunseal: error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from lunseal.daemon import DaemonConfig, run
 from lunseal.home import resolve_home
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -23,8 +22,19 @@ def serve(
     demo: bool = typer.Option(True, help="create a 1G LUN 'demo' in a new data directory"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     log_file: Path | None = typer.Option(None, help="also append logs to this file"),
+    clean_after: float = typer.Option(
+        2.0,
+        help="seconds without writes after which a LUN's state is recorded as clean "
+        "(a crash before that gives the LUN a new state epoch)",
+    ),
 ) -> None:
     """Run the array: serve LUNs over NBD and the management API until SIGTERM."""
+    # Imported here: the daemon pulls in uvicorn and FastAPI, which every other
+    # subcommand would otherwise pay for at start-up.
+    from lunseal.daemon import DaemonConfig, run
+
+    if clean_after <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--clean-after")
     configure_logging(log_level, log_file)
     home = resolve_home(ctx.obj.home if ctx.obj else None)
     code = run(
@@ -36,6 +46,7 @@ def serve(
             api_host=api_listen,
             api_port=api_port,
             demo_lun=demo,
+            clean_after=clean_after,
         )
     )
     raise typer.Exit(code)

@@ -25,6 +25,7 @@ from lunseal.engine.lun import (
     validate_number,
     validate_size,
 )
+from lunseal.engine.state import LunState, StateTracker
 from lunseal.errors import BackendError, Conflict, DataDirLocked, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Array:
         self.catalog = catalog
         self._lock_fd = lock_fd
         self._luns: dict[str, Lun] = {}
+        self._trackers: dict[str, StateTracker] = {}  # by LUN UUID
         self.array_id = catalog.get_meta("array_id") or ""
         self.last_shutdown_clean = catalog.get_meta("clean_shutdown") != "0"
 
@@ -74,7 +76,30 @@ class Array:
                     rec.size,
                     rec.size,
                 )
-            self._luns[rec.name] = Lun(rec, backend)
+            lun = Lun(rec, backend)
+            self._luns[rec.name] = lun
+            self._attach_tracker(lun)
+
+    def _attach_tracker(self, lun: Lun) -> StateTracker:
+        """Hook state tracking into the LUN's change gate; recover its state."""
+        store = self.catalog.states
+        uuid = lun.record.uuid
+        state = store.load_state(uuid) or LunState(uuid)
+        tracker = StateTracker(lun, store, state, store.load_holds(uuid))
+        tracker.recover()
+        self._trackers[uuid] = tracker
+        return tracker
+
+    def tracker(self, name: str) -> StateTracker:
+        return self._trackers[self.lun(name).record.uuid]
+
+    def checkpoint(self, idle: float) -> None:
+        """Record the exact state of every LUN whose changes have been idle ``idle`` s."""
+        for tracker in self._trackers.values():
+            try:
+                tracker.checkpoint(idle)
+            except BackendError as exc:
+                log.error("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
 
     def close(self) -> None:
         """Flush every LUN, record a clean shutdown and release the data directory."""
@@ -86,7 +111,10 @@ class Array:
                 self.catalog.set_meta("clean_shutdown", "0")
                 break
         else:
+            for tracker in self._trackers.values():
+                tracker.close()
             self.catalog.set_meta("clean_shutdown", "1")
+        self._trackers.clear()
         for lun in self._luns.values():
             lun.backend.close()
         self._luns.clear()
@@ -148,6 +176,7 @@ class Array:
             raise
         lun = Lun(rec, backend)
         self._luns[name] = lun
+        self._attach_tracker(lun)
         log.info("created LUN %s (number %d, %d bytes, %s)", name, number, rec.size, rec.path)
         return lun
 
@@ -216,6 +245,8 @@ class Array:
             )
         lun.revoke_users(f"LUN {name} was deleted")
         self.catalog.delete_lun(lun.record.uuid)
+        self.catalog.states.delete_lun(lun.record.uuid)
+        self._trackers.pop(lun.record.uuid, None)
         del self._luns[name]
         lun.backend.close()
         if lun.record.owned:

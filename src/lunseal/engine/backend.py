@@ -31,6 +31,24 @@ class Extent:
         return self.offset + self.length
 
 
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies a backing file's content from outside (C5): if any field
+    differs from what was recorded, someone changed the file."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    def differences(self, other: FileStamp) -> list[str]:
+        return [
+            f"{name} {getattr(self, name)} -> {getattr(other, name)}"
+            for name in ("size", "mtime_ns", "ctime_ns", "inode")
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class FileSlice:
     """A range of an open file that a front end may send without copying it
@@ -81,6 +99,10 @@ class Backend(ABC):
     def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
         """Like :meth:`read`, but a file-based backend may return a zero-copy slice."""
         return self.read(offset, length)
+
+    def stamp(self) -> FileStamp | None:
+        """The backing file's stamp, or ``None`` where there is no file to tamper with."""
+        return None
 
     def cache(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
         """Advisory: prefetch the range.  Backends without a cache ignore it."""

@@ -13,7 +13,7 @@ import errno
 import os
 from pathlib import Path
 
-from lunseal.engine.backend import Backend, Extent, FileSlice, merge_extents
+from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp, merge_extents
 from lunseal.errors import BackendError, NotSupported
 
 # linux/falloc.h
@@ -159,6 +159,10 @@ class FileBackend(Backend):
             if exc.errno == errno.ENXIO:  # no more data after pos
                 return None
             raise
+
+    def stamp(self) -> FileStamp:
+        st = os.fstat(self._fd)
+        return FileStamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
     def cache(self, offset: int, length: int) -> None:
         try:

@@ -1,0 +1,112 @@
+"""API routes for state tracking: holds, tokens, checks, change maps."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Response
+
+from lunseal.api.state_models import (
+    ChangedExtentModel,
+    ChangesInfo,
+    CheckOutcome,
+    HoldAcquire,
+    HoldInfo,
+    StateInfo,
+    TokenCheck,
+)
+from lunseal.engine.array import Array
+from lunseal.engine.changemap import DEFAULT_GRANULARITY
+from lunseal.engine.state import Hold, StateTracker
+from lunseal.errors import InvalidArgument
+from lunseal.units import parse_size
+
+
+def hold_info(hold: Hold) -> HoldInfo:
+    changes = hold.changes
+    return HoldInfo(
+        name=hold.name,
+        created_at=hold.created_at,
+        token=hold.token,
+        granularity=None if changes is None else changes.granularity,
+        changed_bytes=None if changes is None else changes.changed_bytes(),
+    )
+
+
+def state_info(tracker: StateTracker) -> StateInfo:
+    s = tracker.state
+    return StateInfo(
+        lun=tracker.lun.name,
+        lun_uuid=tracker.lun.record.uuid,
+        tracking=tracker.tracking,
+        mode=s.mode,
+        epoch=s.epoch,
+        holds=list(tracker.holds),
+        token=tracker.token() if tracker.tracking else None,
+        epoch_reason=s.epoch_reason,
+    )
+
+
+def install_state_routes(app: FastAPI, array: Array) -> None:
+    @app.get("/v1/luns/{name}/state", response_model=StateInfo, tags=["state"])
+    async def get_state(name: str) -> StateInfo:
+        """The LUN's tracking status and, while tracking is on, its current token."""
+        return state_info(array.tracker(name))
+
+    @app.get("/v1/luns/{name}/state/token", response_model=StateInfo, tags=["state"])
+    async def get_token(name: str) -> StateInfo:
+        """GET_LUN_STATE: the current token; 409 while tracking is off."""
+        tracker = array.tracker(name)
+        tracker.token()  # raises Conflict when tracking is off
+        return state_info(tracker)
+
+    @app.post("/v1/luns/{name}/state/check", response_model=CheckOutcome, tags=["state"])
+    async def check_token(name: str, body: TokenCheck) -> CheckOutcome:
+        """Compare a token with the LUN's state: intact or changed, and why."""
+        result = array.tracker(name).check(body.token)
+        return CheckOutcome(
+            lun=name,
+            result="intact" if result.intact else "changed",
+            reason=result.reason,
+            token=body.token,
+            current=result.current,
+        )
+
+    @app.get("/v1/luns/{name}/holds", response_model=list[HoldInfo], tags=["state"])
+    async def list_holds(name: str) -> list[HoldInfo]:
+        return [hold_info(h) for h in array.tracker(name).holds.values()]
+
+    @app.post("/v1/luns/{name}/holds", response_model=HoldInfo, status_code=201, tags=["state"])
+    async def acquire_hold(name: str, body: HoldAcquire) -> HoldInfo:
+        """ENABLE_LUN_STATE_SNAPSHOT: the first hold turns tracking on."""
+        granularity = None
+        if body.track_changes or body.granularity is not None:
+            granularity = (
+                DEFAULT_GRANULARITY if body.granularity is None else parse_size(body.granularity)
+            )
+        hold, _token = array.tracker(name).acquire(
+            body.hold, mode=body.mode, granularity=granularity
+        )
+        return hold_info(hold)
+
+    @app.delete("/v1/luns/{name}/holds/{hold}", status_code=204, tags=["state"])
+    async def release_hold(name: str, hold: str) -> Response:
+        """DISABLE_LUN_STATE_SNAPSHOT: releasing the last hold turns tracking off."""
+        array.tracker(name).release(hold)
+        return Response(status_code=204)
+
+    @app.get("/v1/luns/{name}/holds/{hold}/changes", response_model=ChangesInfo, tags=["state"])
+    async def changes(name: str, hold: str) -> ChangesInfo:
+        """Regions changed since the hold's token (the hold must track changes)."""
+        h = array.tracker(name).hold(hold)
+        if h.changes is None:
+            raise InvalidArgument(
+                f"hold {hold!r} keeps no change map (acquire it with track_changes)"
+            )
+        extents = h.changes.extents()
+        return ChangesInfo(
+            lun=name,
+            hold=hold,
+            since_token=h.token,
+            granularity=h.changes.granularity,
+            changed_bytes=sum(e.length for e in extents),
+            extents=[ChangedExtentModel(offset=e.offset, length=e.length) for e in extents],
+        )
