@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
 from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunUpdate
 from lunseal.api.state_models import (
     ChangesInfo,
@@ -152,6 +153,37 @@ class ArrayClient:
 
     def changes(self, lun: str, hold: str = "default") -> ChangesInfo:
         return self._get(ChangesInfo, f"/v1/luns/{_quote(lun)}/holds/{_quote(hold)}/changes")
+
+    # -- mirrors ----------------------------------------------------------------------
+
+    def create_mirror(
+        self, source: str, target: str, *, name: str | None = None, create_target: bool = False
+    ) -> MirrorInfo:
+        body = MirrorCreate(source=source, target=target, name=name, create_target=create_target)
+        response = self._call("POST", "/v1/mirrors", json=body.model_dump(exclude_none=True))
+        return MirrorInfo.model_validate(response.json())
+
+    def list_mirrors(self) -> list[MirrorInfo]:
+        return [MirrorInfo.model_validate(m) for m in self._call("GET", "/v1/mirrors").json()]
+
+    def mirror(self, name: str) -> MirrorInfo:
+        return self._get(MirrorInfo, f"/v1/mirrors/{_quote(name)}")
+
+    def split_mirror(self, name: str, *, target_access: str = "ro") -> MirrorInfo:
+        body = MirrorSplit.model_validate({"target_access": target_access}).model_dump()
+        response = self._call("POST", f"/v1/mirrors/{_quote(name)}/split", json=body)
+        return MirrorInfo.model_validate(response.json())
+
+    def resync_mirror(self, name: str) -> MirrorInfo:
+        response = self._call("POST", f"/v1/mirrors/{_quote(name)}/resync")
+        return MirrorInfo.model_validate(response.json())
+
+    def restore_mirror(self, name: str) -> MirrorInfo:
+        response = self._call("POST", f"/v1/mirrors/{_quote(name)}/restore")
+        return MirrorInfo.model_validate(response.json())
+
+    def delete_mirror(self, name: str) -> None:
+        self._call("DELETE", f"/v1/mirrors/{_quote(name)}")
 
     def delete_lun(self, name: str, *, force: bool = False) -> None:
         params = {"force": "true"} if force else {}

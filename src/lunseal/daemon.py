@@ -96,6 +96,7 @@ async def _run_servers(cfg: DaemonConfig, home: Home, array: Array, token: str) 
     api_task = asyncio.create_task(api.serve(sockets=[api_sock]))
 
     checkpoints = asyncio.create_task(_checkpoint_loop(array, cfg.clean_after))
+    copier = asyncio.create_task(_mirror_copy_loop(array))
     _publish(home, nbd, ctx.api_url)
     _print_banner(home, array, nbd, ctx.api_url)
     try:
@@ -103,6 +104,7 @@ async def _run_servers(cfg: DaemonConfig, home: Home, array: Array, token: str) 
     finally:
         log.info("shutting down: closing listeners and connections")
         checkpoints.cancel()
+        copier.cancel()
         api.should_exit = True
         with contextlib.suppress(Exception):
             await api_task
@@ -117,6 +119,16 @@ async def _checkpoint_loop(array: Array, clean_after: float) -> None:
     while True:
         await asyncio.sleep(interval)
         array.checkpoint(clean_after)
+
+
+async def _mirror_copy_loop(array: Array) -> None:
+    """Drive mirror copies in bounded steps; host I/O runs between steps."""
+    while True:
+        if array.mirrors.busy():
+            array.mirrors.copy_step()
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.05)
 
 
 async def _wait_for_stop(stop: asyncio.Event, api_task: asyncio.Task[None]) -> None:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lunseal import __version__
+from lunseal.api.mirror_routes import install_mirror_routes
 from lunseal.api.models import (
     ArrayStatus,
     ErrorBody,
@@ -69,6 +70,7 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     _install_error_handlers(app)
     _install_routes(app, ctx)
     install_state_routes(app, ctx.array)
+    install_mirror_routes(app, ctx.array)
     return app
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from lunseal import __version__
-from lunseal.cli import lun, serve, state, status
+from lunseal.cli import lun, mirror, serve, state, status
 from lunseal.errors import LunsealError
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ app.command("serve")(serve.serve)
 app.command("status")(status.status)
 app.add_typer(lun.app, name="lun")
 app.add_typer(state.app, name="state")
+app.add_typer(mirror.app, name="mirror")
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

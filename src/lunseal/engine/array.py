@@ -25,6 +25,7 @@ from lunseal.engine.lun import (
     validate_number,
     validate_size,
 )
+from lunseal.engine.mirrors import MirrorSet
 from lunseal.engine.state import LunState, StateTracker
 from lunseal.errors import BackendError, Conflict, DataDirLocked, InvalidArgument, NotFound
 
@@ -44,6 +45,7 @@ class Array:
         self._lock_fd = lock_fd
         self._luns: dict[str, Lun] = {}
         self._trackers: dict[str, StateTracker] = {}  # by LUN UUID
+        self.mirrors = MirrorSet(catalog.mirrors, self.lun_by_uuid)
         self.array_id = catalog.get_meta("array_id") or ""
         self.last_shutdown_clean = catalog.get_meta("clean_shutdown") != "0"
 
@@ -58,6 +60,7 @@ class Array:
                 catalog.set_meta("array_id", str(uuidlib.uuid4()))
             array = cls(data_dir, catalog, lock_fd)
             array._load()
+            array.mirrors.load()
             catalog.set_meta("clean_shutdown", "0")
         except BaseException:
             os.close(lock_fd)
@@ -90,11 +93,15 @@ class Array:
         self._trackers[uuid] = tracker
         return tracker
 
+    def lun_by_uuid(self, uuid: str) -> Lun | None:
+        return next((lun for lun in self._luns.values() if lun.record.uuid == uuid), None)
+
     def tracker(self, name: str) -> StateTracker:
         return self._trackers[self.lun(name).record.uuid]
 
     def checkpoint(self, idle: float) -> None:
         """Record the exact state of every LUN whose changes have been idle ``idle`` s."""
+        self.mirrors.checkpoint(idle)
         for tracker in self._trackers.values():
             try:
                 tracker.checkpoint(idle)
@@ -111,6 +118,7 @@ class Array:
                 self.catalog.set_meta("clean_shutdown", "0")
                 break
         else:
+            self.mirrors.close()
             for tracker in self._trackers.values():
                 tracker.close()
             self.catalog.set_meta("clean_shutdown", "1")
@@ -224,6 +232,10 @@ class Array:
 
     def grow_lun(self, name: str, size: int) -> Lun:
         lun = self.lun(name)
+        if mirrors := self.mirrors.of_lun(lun):
+            raise Conflict(
+                f"LUN {name} belongs to mirror {mirrors[0].name}; delete the mirror to resize"
+            )
         old = lun.size
         lun.grow(size)
         self.catalog.update_lun(lun.record)
@@ -243,6 +255,14 @@ class Array:
                 f"LUN {name} is in use by {len(lun.users)} connection(s); "
                 "disconnect them or delete with force"
             )
+        mirrors = self.mirrors.of_lun(lun)
+        if mirrors and not force:
+            raise Conflict(
+                f"LUN {name} belongs to mirror(s) {', '.join(m.name for m in mirrors)}; "
+                "delete them first or delete with force"
+            )
+        for m in mirrors:
+            self.mirrors.delete(m.name)
         lun.revoke_users(f"LUN {name} was deleted")
         self.catalog.delete_lun(lun.record.uuid)
         self.catalog.states.delete_lun(lun.record.uuid)

@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 
 from lunseal.engine.lun import LunRecord
+from lunseal.engine.mirror_store import SqliteMirrorStore
 from lunseal.engine.state_store import SqliteStateStore
 from lunseal.errors import LunsealError
 
@@ -48,6 +49,7 @@ class Catalog:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
             self.states = SqliteStateStore(self._db)
+            self.mirrors = SqliteMirrorStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
             raise

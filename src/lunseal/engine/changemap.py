@@ -61,6 +61,41 @@ class ChangeMap:
         else:
             self.regions[first : last + 1] = b"\x01" * (last + 1 - first)
 
+    def clear(self, offset: int, length: int) -> None:
+        """Forget changes in the regions *wholly* inside the range (partial ones stay)."""
+        g = self.granularity
+        first = -(-offset // g)
+        stop = min((offset + length) // g, len(self.regions))
+        if offset + length >= self.size:
+            stop = len(self.regions)  # the short last region ends at the LUN's end
+        if stop > first:
+            self.regions[first:stop] = bytes(stop - first)
+
+    def merge(self, other: ChangeMap) -> None:
+        """Add every region ``other`` marks (same granularity)."""
+        assert other.granularity == self.granularity
+        self.resize(other.size)
+        pos = other.regions.find(1)
+        while pos != -1:
+            stop = other.regions.find(0, pos)
+            stop = len(other.regions) if stop == -1 else stop
+            self.regions[pos:stop] = b"\x01" * (stop - pos)
+            pos = other.regions.find(1, stop)
+
+    def first_run(self, limit: int) -> tuple[int, int] | None:
+        """The first changed run as (offset, length), at most ``limit`` bytes (>= 1 region)."""
+        pos = self.regions.find(1)
+        if pos == -1:
+            return None
+        stop = self.regions.find(0, pos)
+        stop = len(self.regions) if stop == -1 else stop
+        stop = min(stop, pos + max(1, limit // self.granularity))
+        start = pos * self.granularity
+        return start, min(stop * self.granularity, self.size) - start
+
+    def changed_regions(self) -> int:
+        return self.regions.count(1)
+
     def mark_all(self) -> None:
         self.regions[:] = b"\x01" * len(self.regions)
 

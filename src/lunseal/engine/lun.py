@@ -91,6 +91,9 @@ class Lun:
     users: set[LunUser] = field(default_factory=set)
     listeners: list[ChangeListener] = field(default_factory=list)
     stats: LunStats = field(default_factory=LunStats)
+    #: Why hosts may not write this LUN right now besides its read-only flag
+    #: (e.g. it is the target of a synchronised mirror), by owner.
+    write_guards: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -102,7 +105,8 @@ class Lun:
 
     @property
     def read_only(self) -> bool:
-        return self.record.read_only
+        """Whether hosts may not write: the flag, or a guard such as a mirror's."""
+        return self.record.read_only or bool(self.write_guards)
 
     # -- checks -------------------------------------------------------------
 
@@ -116,6 +120,12 @@ class Lun:
     def _check_write(self, offset: int, length: int) -> None:
         if self.record.read_only:
             raise ReadOnly(f"LUN {self.name} is read-only")
+        if self.write_guards:
+            reason = next(iter(self.write_guards.values()))
+            raise ReadOnly(f"LUN {self.name} is read-only for hosts: {reason}")
+        self._check_range(offset, length)
+
+    def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.record.size:
             raise NoSpace(
                 f"write {offset}+{length} is beyond the end of LUN {self.name} "
@@ -179,6 +189,20 @@ class Lun:
         self.backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
         if fua:
             self.backend.flush()
+
+    # -- writes the array itself makes (mirror copies, restores) ---------------------
+    # They skip the host checks (read-only flag, guards) but not the change gate:
+    # every copy the array makes changes the receiving LUN's state (C1).
+
+    def array_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_range(offset, len(data))
+        self._accept_change(offset, len(data))
+        self.backend.write(offset, data)
+
+    def array_zero(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        self._accept_change(offset, length)
+        self.backend.zero(offset, length, may_trim=True, fast_only=False)
 
     def flush(self) -> None:
         self.stats.flushes += 1

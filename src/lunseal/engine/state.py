@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lunseal.engine.backend import FileStamp
-from lunseal.engine.changemap import DEFAULT_GRANULARITY, ChangeMap
+from lunseal.engine.changemap import ChangeMap
 from lunseal.engine.lun import Lun
 from lunseal.errors import Conflict, InvalidArgument, NotFound
 
@@ -106,9 +106,13 @@ def parse_token(token: str) -> tuple[str, int, str, int] | None:
     if len(parts) != 5 or parts[0] != TOKEN_PREFIX or parts[3] not in MODES:
         return None
     try:
-        return parts[1], int(parts[2]), parts[3], int(parts[4])
+        parsed = parts[1], int(parts[2]), parts[3], int(parts[4])
     except ValueError:
         return None
+    # int() also takes " 1", "+1", "01" and "1_0": only the form the array issues counts.
+    if format_token(*parsed) != ".".join(parts):
+        return None
+    return parsed
 
 
 class StateTracker:
@@ -245,7 +249,7 @@ class StateTracker:
             )
         changes = None
         if granularity is not None:
-            changes = ChangeMap(self.lun.size, granularity or DEFAULT_GRANULARITY)
+            changes = ChangeMap(self.lun.size, granularity)  # 0 is invalid, not the default
         if not self.holds:
             self.state.mode = mode or DEFAULT_MODE
             self._transition()
@@ -297,6 +301,8 @@ class StateTracker:
         s.flag = False
         for hold in self.holds.values():
             if hold.changes is not None:
+                # The recorded map may predate a grow: cover the LUN's whole current size.
+                hold.changes.resize(self.lun.size)
                 hold.changes.mark_all()
         self._record_clean(stamp)
 

@@ -1,0 +1,37 @@
+"""API bodies for mirrors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class MirrorCreate(BaseModel):
+    source: str = Field(description="source LUN name")
+    target: str = Field(description="target LUN name (same size as the source)")
+    name: str | None = Field(default=None, description="mirror name (default: the target's)")
+    create_target: bool = Field(default=False, description="create the target LUN if missing")
+
+
+class MirrorSplit(BaseModel):
+    target_access: Literal["ro", "rw"] = Field(
+        default="ro", description="whether hosts may write the split target"
+    )
+
+
+class MirrorInfo(BaseModel):
+    id: str
+    name: str
+    source: str
+    target: str
+    state: Literal["syncing", "synced", "split", "resyncing", "restoring", "degraded"]
+    percent_done: float = Field(description="progress of the running copy (100 when idle)")
+    bytes_left: int = Field(description="bytes in regions that still differ or may differ")
+    bytes_copied: int = Field(description="bytes copied by the running operation so far")
+    source_dirty_regions: int
+    target_dirty_regions: int
+    granularity: int
+    split_at: float | None
+    target_access: Literal["ro", "rw"]
+    reason: str = Field(description="why the mirror is degraded (empty otherwise)")

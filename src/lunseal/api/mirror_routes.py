@@ -1,0 +1,82 @@
+"""API routes for mirrors: create, list, split, resync, restore, delete."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Response
+
+from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
+from lunseal.engine.array import Array
+from lunseal.engine.mirror import SOURCE, TARGET, Mirror
+from lunseal.errors import NotFound
+
+
+def mirror_info(m: Mirror) -> MirrorInfo:
+    rec = m.record
+    return MirrorInfo.model_validate(
+        {
+            "id": rec.id,
+            "name": rec.name,
+            "source": m.source.name,
+            "target": m.target.name,
+            "state": rec.state,
+            "percent_done": round(m.progress(), 2),
+            "bytes_left": m.dirty_bytes(),
+            "bytes_copied": m.copied,
+            "source_dirty_regions": m.maps[SOURCE].changed_regions(),
+            "target_dirty_regions": m.maps[TARGET].changed_regions(),
+            "granularity": m.work.granularity,
+            "split_at": rec.split_at,
+            "target_access": rec.target_access,
+            "reason": rec.reason,
+        }
+    )
+
+
+def install_mirror_routes(app: FastAPI, array: Array) -> None:
+    mirrors = array.mirrors
+
+    @app.post("/v1/mirrors", response_model=MirrorInfo, status_code=201, tags=["mirrors"])
+    async def create_mirror(body: MirrorCreate) -> MirrorInfo:
+        """Pair SOURCE with TARGET; the initial full copy runs in the background."""
+        source = array.lun(body.source)
+        target = array.find(body.target)
+        if target is None:
+            if not body.create_target:
+                raise NotFound(f"no LUN named {body.target!r} (use create_target to create it)")
+            target = array.create_lun(body.target, source.size)
+        return mirror_info(mirrors.create(source, target, body.name))
+
+    @app.get("/v1/mirrors", response_model=list[MirrorInfo], tags=["mirrors"])
+    async def list_mirrors() -> list[MirrorInfo]:
+        return [mirror_info(m) for m in mirrors.all()]
+
+    @app.get("/v1/mirrors/{name}", response_model=MirrorInfo, tags=["mirrors"])
+    async def show_mirror(name: str) -> MirrorInfo:
+        return mirror_info(mirrors.get(name))
+
+    @app.post("/v1/mirrors/{name}/split", response_model=MirrorInfo, tags=["mirrors"])
+    async def split(name: str, body: MirrorSplit) -> MirrorInfo:
+        """Stop mirroring; from now on the regions written on either side are recorded."""
+        m = mirrors.get(name)
+        m.split(body.target_access)
+        return mirror_info(m)
+
+    @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])
+    async def resync(name: str) -> MirrorInfo:
+        """Copy the regions written on either side since the split, source -> target."""
+        m = mirrors.get(name)
+        m.resync()
+        return mirror_info(m)
+
+    @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
+    async def restore(name: str) -> MirrorInfo:
+        """Copy the regions written on either side since the split, target -> source."""
+        m = mirrors.get(name)
+        m.restore()
+        return mirror_info(m)
+
+    @app.delete("/v1/mirrors/{name}", status_code=204, tags=["mirrors"])
+    async def delete_mirror(name: str) -> Response:
+        """Delete the mirror; both LUNs stay."""
+        mirrors.delete(name)
+        return Response(status_code=204)

@@ -1,0 +1,141 @@
+"""``lunseal mirror ...``: create, status, split, resync, restore, delete."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lunseal.api.mirror_models import MirrorInfo
+from lunseal.cli.common import client, console, emit, options, table
+from lunseal.client import ArrayClient
+from lunseal.units import format_size
+
+app = typer.Typer(help="Mirror LUNs: sync, split, resync, restore.", no_args_is_help=True)
+
+COPYING = ("syncing", "resyncing", "restoring")
+WAIT_OPTION = typer.Option(False, "--wait", help="wait until the copy is done")
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., help="source LUN"),
+    target: str = typer.Argument(..., help="target LUN (same size)"),
+    create_target: bool = typer.Option(False, "--create-target", help="create the target"),
+    name: str | None = typer.Option(None, "--name", help="mirror name (default: target)"),
+    wait: bool = WAIT_OPTION,
+) -> None:
+    """Mirror SOURCE onto TARGET; the initial copy runs in the background."""
+    with client(ctx) as api:
+        info = api.create_mirror(source, target, name=name, create_target=create_target)
+        info = _maybe_wait(ctx, api, info, wait)
+    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    mirror: str | None = typer.Argument(None, help="one mirror (default: all)"),
+) -> None:
+    """State, progress and dirty regions of the mirrors."""
+    with client(ctx) as api:
+        found = [api.mirror(mirror)] if mirror else api.list_mirrors()
+
+    def human() -> None:
+        if not found:
+            console.print("no mirrors (create one with: lunseal mirror create SOURCE TARGET)")
+            return
+        t = table("MIRROR", "SOURCE", "TARGET", "STATE", "DONE", "LEFT", "DIRTY S/T", "SPLIT AT")
+        for m in found:
+            split = (
+                dt.datetime.fromtimestamp(m.split_at).isoformat(timespec="seconds")
+                if m.split_at
+                else "-"
+            )
+            t.add_row(
+                m.name,
+                m.source,
+                m.target,
+                m.state + (f" ({m.reason})" if m.reason else ""),
+                f"{m.percent_done:.1f}%",
+                format_size(m.bytes_left),
+                f"{m.source_dirty_regions}/{m.target_dirty_regions}",
+                split,
+            )
+        console.print(t)
+
+    emit(ctx, found, human)
+
+
+@app.command("split")
+def split(
+    ctx: typer.Context,
+    mirror: str = typer.Argument(..., help="mirror (or its target LUN)"),
+    target_access: str = typer.Option("ro", "--target-access", help="ro or rw for hosts"),
+) -> None:
+    """Split a synced mirror; writes on either side are recorded from now on."""
+    with client(ctx) as api:
+        info = api.split_mirror(mirror, target_access=target_access)
+    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+
+
+@app.command("resync")
+def resync(
+    ctx: typer.Context, mirror: str = typer.Argument(..., help="mirror"), wait: bool = WAIT_OPTION
+) -> None:
+    """Copy the regions changed since the split, source -> target; then synced."""
+    with client(ctx) as api:
+        info = _maybe_wait(ctx, api, api.resync_mirror(mirror), wait)
+    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+
+
+@app.command("restore")
+def restore(
+    ctx: typer.Context, mirror: str = typer.Argument(..., help="mirror"), wait: bool = WAIT_OPTION
+) -> None:
+    """Copy the regions changed since the split, target -> source; stays split."""
+    with client(ctx) as api:
+        info = _maybe_wait(ctx, api, api.restore_mirror(mirror), wait)
+    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+
+
+@app.command("delete")
+def delete(ctx: typer.Context, mirror: str = typer.Argument(..., help="mirror")) -> None:
+    """Delete a mirror; both LUNs stay."""
+    with client(ctx) as api:
+        api.delete_mirror(mirror)
+    emit(ctx, None, lambda: console.print(f"deleted mirror {mirror}"))
+
+
+def _describe(m: MirrorInfo) -> str:
+    if m.state in COPYING:
+        return f"{m.state}, {m.percent_done:.1f}% done, {format_size(m.bytes_left)} left"
+    if m.state == "degraded":
+        return f"degraded: {m.reason}; {format_size(m.bytes_left)} to resync"
+    return m.state
+
+
+def _maybe_wait(ctx: typer.Context, api: ArrayClient, info: MirrorInfo, wait: bool) -> MirrorInfo:
+    if not wait or info.state not in COPYING:
+        return info
+    show = sys.stderr.isatty() and not options(ctx).json
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"{info.state} {info.name}", total=max(1, info.bytes_left))
+        total = max(1, info.bytes_left)
+        while info.state in COPYING:
+            bar.update(task, completed=max(0, total - info.bytes_left))
+            time.sleep(0.2)
+            info = api.mirror(info.name)
+    return info

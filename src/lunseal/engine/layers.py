@@ -1,0 +1,120 @@
+"""Backend layers: a backend wrapped by another that passes through what it
+does not change (nbdkit's filters).  The source LUN of a mirror gets a
+:class:`MirroredBackend`; tests use :class:`FaultyBackend` to make a leg fail.
+"""
+
+from __future__ import annotations
+
+from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp
+from lunseal.engine.mirror import Mirror
+from lunseal.errors import BackendError, Conflict
+
+
+class Layer(Backend):
+    """Passes everything through to ``inner``."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.inner.read(offset, length)
+
+    def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
+        return self.inner.read_slice(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.inner.write(offset, data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        self.inner.trim(offset, length)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
+        self.inner.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.inner.extents(offset, length)
+
+    def stamp(self) -> FileStamp | None:
+        return self.inner.stamp()
+
+    def cache(self, offset: int, length: int) -> None:
+        self.inner.cache(offset, length)
+
+    def resize(self, size: int) -> None:
+        self.inner.resize(size)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class MirroredBackend(Layer):
+    """Fans the source's changes out to its mirrors, marking regions first."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.mirrors: list[Mirror] = []
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        for m in self.mirrors:
+            m.before_source_change(offset, len(data))
+        self.inner.write(offset, data)  # a source failure reaches the host as is
+        for m in self.mirrors:
+            m.replicate_write(offset, data)
+
+    def trim(self, offset: int, length: int) -> None:
+        for m in self.mirrors:
+            m.before_source_change(offset, length)
+        self.inner.trim(offset, length)
+        for m in self.mirrors:
+            m.replicate_zero(offset, length)  # the source now reads zeroes there
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
+        for m in self.mirrors:
+            m.before_source_change(offset, length)
+        self.inner.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+        for m in self.mirrors:
+            m.replicate_zero(offset, length)
+
+    def flush(self) -> None:
+        self.inner.flush()
+        for m in self.mirrors:
+            m.replicate_flush()
+
+    def resize(self, size: int) -> None:
+        raise Conflict("a mirrored LUN cannot be resized; delete its mirrors first")
+
+
+class FaultyBackend(Layer):
+    """Fails writes (and flushes) on demand with EIO, for fault-injection tests."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.fail_writes = False
+
+    def _check(self, what: str) -> None:
+        if self.fail_writes:
+            raise BackendError(f"injected {what} failure")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check("write")
+        self.inner.write(offset, data)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
+        self._check("zero")
+        self.inner.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._check("trim")
+        self.inner.trim(offset, length)
+
+    def flush(self) -> None:
+        self._check("flush")
+        self.inner.flush()

@@ -1,0 +1,376 @@
+"""Mirrors: synchronous fan-out, split, tracked resync and reverse restore.
+
+::
+
+  create -> syncing --copy done--> synced --split--> split --resync--> resyncing --> synced
+                                      |                |  ^
+                           leg fails  v       restore  v  |  (copy target -> source, split again)
+                                  degraded          restoring
+                                      '--resync--> resyncing
+
+Region maps (one byte per 64 KiB region), one per side: ``source`` holds the
+regions written on the source since the split (or missed by a failing target,
+or not copied yet), ``target`` those hosts wrote on a split target.  Resync
+copies their union source -> target, restore target -> source; neither copies
+anything else.  While a copy runs, the union is kept in ``source``.
+
+Crash safety (a write-intent log, as RAID bitmaps do): before a write lands
+in a 16 MiB intent region not yet logged in this busy period, the region is
+logged durably.  At a checkpoint (both sides flushed) the exact maps are
+saved and the intent log cleared.  Recovery takes the saved map plus every
+logged intent region, so a crash never loses a mark; a synced mirror with
+marks after a crash resynchronises them.
+
+The copy runs in bounded steps (:meth:`Mirror.copy_step`) driven by the
+daemon.  Each chunk is read and written in one step on the engine's single
+thread, so a host write can never slip between a chunk's read and its write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from lunseal.engine.changemap import ChangeMap
+from lunseal.engine.lun import Lun
+from lunseal.errors import BackendError, Conflict
+
+log = logging.getLogger(__name__)
+
+SYNCING, SYNCED, SPLIT, RESYNCING, RESTORING, DEGRADED = (
+    "syncing",
+    "synced",
+    "split",
+    "resyncing",
+    "restoring",
+    "degraded",
+)
+COPYING = (SYNCING, RESYNCING, RESTORING)
+#: States in which host writes to the source are also written to the target.
+FAN_OUT = (SYNCING, SYNCED, RESYNCING)
+GRANULARITY = 64 << 10
+INTENT_REGION = 16 << 20
+COPY_CHUNK = 4 << 20
+SOURCE, TARGET = "source", "target"
+
+
+class MirrorLeg(ABC):
+    """The receiving side of a mirror.  Local today; another array over NBD later."""
+
+    name: str
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    @abstractmethod
+    def zero(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def is_hole(self, offset: int, length: int) -> bool: ...
+
+    @abstractmethod
+    def flush(self) -> None: ...
+
+
+class LocalLeg(MirrorLeg):
+    """A LUN of this array; writes go through its change gate (its token changes)."""
+
+    def __init__(self, lun: Lun) -> None:
+        self.lun = lun
+        self.name = lun.name
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.lun.array_write(offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.lun.array_zero(offset, length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.lun.backend.read(offset, length)
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        return _all_zero(self.lun, offset, length)
+
+    def flush(self) -> None:
+        self.lun.flush()
+
+
+def _all_zero(lun: Lun, offset: int, length: int) -> bool:
+    return all(ext.zero for ext in lun.backend.extents(offset, length))
+
+
+@dataclass(frozen=True)
+class MirrorRecord:
+    id: str
+    name: str
+    source_uuid: str
+    target_uuid: str
+    state: str
+    created_at: float
+    split_at: float | None = None
+    target_access: str = "ro"
+    #: Bytes the running copy operation had to copy when it started (progress).
+    op_total: int = 0
+    reason: str = ""
+
+    def with_changes(self, **changes: object) -> MirrorRecord:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+class MirrorStore(Protocol):
+    def save_mirror(self, rec: MirrorRecord) -> None: ...
+
+    def save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None: ...
+
+    def log_intent(self, mirror_id: str, side: str, region: int) -> None: ...
+
+    def clear_intents(self, mirror_id: str) -> None: ...
+
+
+class Mirror:
+    def __init__(
+        self,
+        record: MirrorRecord,
+        source: Lun,
+        target: Lun,
+        leg: MirrorLeg,
+        store: MirrorStore,
+        maps: dict[str, ChangeMap],
+        intents: Iterable[tuple[str, int]] = (),
+    ) -> None:
+        self.record = record
+        self.source = source
+        self.target = target
+        self.leg = leg
+        self.store = store
+        self.maps = maps
+        self._intents = set(intents)
+        self.copied = 0  # bytes copied by the running operation in this process
+        self._last_mark = 0.0
+        self._last_checkpoint = time.monotonic()
+        target.listeners.append(self._on_target_change)
+        self._apply_guards()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def state(self) -> str:
+        return self.record.state
+
+    # -- the host write path (called by MirroredBackend and the target's gate) ----------
+
+    def before_source_change(self, offset: int, length: int) -> None:
+        if self.state != RESTORING:
+            self._mark(SOURCE, offset, length)
+
+    def replicate_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.state in FAN_OUT:
+            self._to_leg(lambda: self.leg.write(offset, data))
+
+    def replicate_zero(self, offset: int, length: int) -> None:
+        if self.state in FAN_OUT:
+            self._to_leg(lambda: self.leg.zero(offset, length))
+
+    def replicate_flush(self) -> None:
+        if self.state in FAN_OUT:
+            self._to_leg(self.leg.flush)
+
+    def _to_leg(self, op: object) -> None:
+        assert callable(op)
+        try:
+            op()
+        except BackendError as exc:
+            # The host's write succeeded on the source; the region is marked
+            # (before the write), so a later resync repairs the target.
+            self.degrade(f"target {self.leg.name} failed: {exc.message}")
+
+    def _on_target_change(self, lun: Lun, offset: int, length: int) -> None:
+        # Only hosts write a split target; in other states the writer is this mirror.
+        if self.state == SPLIT:
+            self._mark(TARGET, offset, length)
+
+    def _mark(self, side: str, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        for region in range(offset // INTENT_REGION, (offset + length - 1) // INTENT_REGION + 1):
+            if (side, region) not in self._intents:
+                self.store.log_intent(self.record.id, side, region)  # durable before the write
+                self._intents.add((side, region))
+        self.maps[side].mark(offset, length)
+        self._last_mark = time.monotonic()
+
+    @property
+    def work(self) -> ChangeMap:
+        return self.maps[SOURCE]
+
+    # -- state changes ------------------------------------------------------------------
+
+    def _set(self, **changes: object) -> None:
+        self.record = self.record.with_changes(**changes)
+        self.store.save_mirror(self.record)
+        self._apply_guards()
+
+    def _apply_guards(self) -> None:
+        key = f"mirror:{self.record.id}"
+        self.source.write_guards.pop(key, None)
+        self.target.write_guards.pop(key, None)
+        if self.state == RESTORING:
+            self.source.write_guards[key] = (
+                f"mirror {self.name} is restoring it from {self.target.name}"
+            )
+        if not (self.state == SPLIT and self.record.target_access == "rw"):
+            self.target.write_guards[key] = f"it is the target of mirror {self.name} ({self.state})"
+
+    def degrade(self, reason: str) -> None:
+        if self.state != DEGRADED:
+            log.error("mirror %s degraded: %s", self.name, reason)
+            self._set(state=DEGRADED, reason=reason)
+
+    def split(self, target_access: str = "ro") -> None:
+        if self.state != SYNCED:
+            raise Conflict(f"mirror {self.name} is {self.state}; only a synced mirror can split")
+        if target_access not in ("ro", "rw"):
+            raise Conflict(f"target access must be ro or rw, not {target_access!r}")
+        self.source.backend.flush()
+        self.leg.flush()
+        self.checkpoint()
+        self._set(state=SPLIT, split_at=time.time(), target_access=target_access, reason="")
+        log.info("mirror %s split (target %s)", self.name, target_access)
+
+    def resync(self) -> None:
+        if self.state not in (SPLIT, DEGRADED):
+            raise Conflict(f"mirror {self.name} is {self.state}; resync needs split or degraded")
+        self._start(RESYNCING)
+
+    def restore(self) -> None:
+        if self.state != SPLIT:
+            raise Conflict(f"mirror {self.name} is {self.state}; restore needs a split mirror")
+        self._start(RESTORING)
+
+    def begin_sync(self) -> None:
+        """The initial full copy (the caller marked every region)."""
+        self._start(SYNCING)
+
+    def _start(self, state: str) -> None:
+        self.maps[SOURCE].merge(self.maps[TARGET])
+        self.maps[TARGET].clear(0, self.maps[TARGET].size)
+        self.copied = 0
+        self._set(state=state, op_total=self.dirty_bytes(), reason="")
+        self.checkpoint()  # in the copying state now, so the maps are kept
+        log.info("mirror %s: %s %d bytes", self.name, state, self.record.op_total)
+
+    # -- copying ---------------------------------------------------------------------------
+
+    def copy_step(self, budget: int = COPY_CHUNK) -> int:
+        """Copy up to ``budget`` bytes of marked regions; finish when none are left."""
+        if self.state not in COPYING:
+            return 0
+        done = 0
+        while done < budget:
+            run = self._next_run(budget - done)
+            if run is None:
+                self._finish()
+                break
+            offset, length = run
+            try:
+                self._copy(offset, length)
+            except BackendError as exc:
+                self.degrade(f"copy {offset}+{length} failed: {exc.message}")
+                break
+            self.work.clear(offset, length)
+            done += length
+        self.copied += done
+        return done
+
+    def _next_run(self, limit: int) -> tuple[int, int] | None:
+        return self.work.first_run(limit)
+
+    def _copy(self, offset: int, length: int) -> None:
+        if self.state == RESTORING:
+            if self.leg.is_hole(offset, length):
+                self.source.array_zero(offset, length)
+            else:
+                self.source.array_write(offset, self.leg.read(offset, length))
+        elif _all_zero(self.source, offset, length):
+            self.leg.zero(offset, length)
+        else:
+            self.leg.write(offset, self.source.backend.read(offset, length))
+
+    def _finish(self) -> None:
+        self.source.backend.flush()
+        self.leg.flush()
+        finished = self.state
+        self._set(state=SPLIT if finished == RESTORING else SYNCED, op_total=0)
+        self.checkpoint()
+        log.info("mirror %s: %s finished, now %s", self.name, finished, self.state)
+
+    # -- durability -------------------------------------------------------------------------
+
+    def checkpoint_if_due(self, idle: float, every: float = 1.0) -> None:
+        """Checkpoint once writes have been idle, and regularly while copying."""
+        now = time.monotonic()
+        if self.state in COPYING:
+            due = now - self._last_checkpoint >= every
+        else:
+            due = bool(self._intents) and now - self._last_mark >= idle
+        if due:
+            try:
+                self.checkpoint()
+            except BackendError as exc:
+                self.degrade(f"flush failed: {exc.message}")
+
+    def checkpoint(self) -> None:
+        """Flush both sides, save the exact maps, clear the intent log."""
+        self._last_checkpoint = time.monotonic()
+        self.source.backend.flush()
+        if self.state != DEGRADED:
+            self.leg.flush()
+        if self.state == SYNCED:
+            for m in self.maps.values():
+                m.clear(0, m.size)  # both sides hold the same bytes
+        self.store.save_maps(self.record.id, self.maps)
+        if self._intents:
+            self.store.clear_intents(self.record.id)
+            self._intents.clear()
+
+    def recover(self) -> None:
+        """At start-up, after the intent log was merged into ``work``."""
+        if self.state == SYNCED and self.work.changed_regions():
+            log.warning(
+                "mirror %s: writes may have been in flight at a crash; resyncing", self.name
+            )
+            self._start(RESYNCING)
+        elif self.state in COPYING:
+            log.info("mirror %s: resuming %s", self.name, self.state)
+            self.copied = 0
+
+    # -- status ------------------------------------------------------------------------------
+
+    def dirty_bytes(self) -> int:
+        """Bytes in regions that differ or may differ (union of both sides)."""
+        union = ChangeMap(self.work.size, self.work.granularity, bytearray(self.work.regions))
+        union.merge(self.maps[TARGET])
+        return union.changed_bytes()
+
+    def progress(self) -> float:
+        """Percent done of the running copy (100 when idle)."""
+        total = self.record.op_total
+        if self.state not in COPYING or total <= 0:
+            return 100.0
+        return max(0.0, min(100.0, 100.0 * (1 - self.dirty_bytes() / total)))
+
+    def detach(self) -> None:
+        key = f"mirror:{self.record.id}"
+        self.source.write_guards.pop(key, None)
+        self.target.write_guards.pop(key, None)
+        if self._on_target_change in self.target.listeners:
+            self.target.listeners.remove(self._on_target_change)

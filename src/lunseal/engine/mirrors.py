@@ -1,0 +1,148 @@
+"""The mirrors of an array: create, find, delete, and drive their copies."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+
+from lunseal.engine.changemap import ChangeMap
+from lunseal.engine.layers import MirroredBackend
+from lunseal.engine.lun import Lun, validate_name
+from lunseal.engine.mirror import (
+    COPY_CHUNK,
+    COPYING,
+    GRANULARITY,
+    SOURCE,
+    SYNCING,
+    TARGET,
+    LocalLeg,
+    Mirror,
+    MirrorRecord,
+)
+from lunseal.engine.mirror_store import SqliteMirrorStore
+from lunseal.errors import Conflict, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+#: Looks a LUN up by UUID (the catalog links mirrors to LUNs by UUID).
+LunByUuid = Callable[[str], Lun | None]
+
+
+class MirrorSet:
+    def __init__(self, store: SqliteMirrorStore, lun_by_uuid: LunByUuid) -> None:
+        self.store = store
+        self._lun_by_uuid = lun_by_uuid
+        self._mirrors: dict[str, Mirror] = {}
+
+    def load(self) -> None:
+        for rec in self.store.mirrors():
+            source, target = self._lun_by_uuid(rec.source_uuid), self._lun_by_uuid(rec.target_uuid)
+            if source is None or target is None:
+                log.error("mirror %s refers to a missing LUN; dropping it", rec.name)
+                self.store.delete_mirror(rec.id)
+                continue
+            maps, intents = self.store.load_maps(rec.id, source.size)
+            self._attach(rec, source, target, maps, intents).recover()
+
+    def _attach(
+        self,
+        rec: MirrorRecord,
+        source: Lun,
+        target: Lun,
+        maps: dict[str, ChangeMap],
+        intents: set[tuple[str, int]],
+    ) -> Mirror:
+        if not isinstance(source.backend, MirroredBackend):
+            source.backend = MirroredBackend(source.backend)
+        mirror = Mirror(rec, source, target, LocalLeg(target), self.store, maps, intents)
+        source.backend.mirrors.append(mirror)
+        self._mirrors[rec.name] = mirror
+        return mirror
+
+    # -- lookup ---------------------------------------------------------------------
+
+    def all(self) -> list[Mirror]:
+        return sorted(self._mirrors.values(), key=lambda m: m.record.created_at)
+
+    def get(self, name: str) -> Mirror:
+        """By mirror name, or by the name of its target LUN."""
+        found = self._mirrors.get(name) or next(
+            (m for m in self._mirrors.values() if m.target.name == name), None
+        )
+        if found is None:
+            raise NotFound(f"no mirror named {name!r} (nor one with target LUN {name!r})")
+        return found
+
+    def of_lun(self, lun: Lun) -> list[Mirror]:
+        return [m for m in self._mirrors.values() if lun in (m.source, m.target)]
+
+    # -- management ---------------------------------------------------------------------
+
+    def create(self, source: Lun, target: Lun, name: str | None = None) -> Mirror:
+        name = validate_name(name or target.name)
+        self._check_pair(source, target, name)
+        rec = MirrorRecord(
+            id=str(uuidlib.uuid4()),
+            name=name,
+            source_uuid=source.record.uuid,
+            target_uuid=target.record.uuid,
+            state=SYNCING,
+            created_at=time.time(),
+        )
+        maps = {side: ChangeMap(source.size, GRANULARITY) for side in (SOURCE, TARGET)}
+        maps[SOURCE].mark_all()  # the initial sync copies everything
+        self.store.save_mirror(rec)
+        mirror = self._attach(rec, source, target, maps, set())
+        mirror.begin_sync()
+        log.info("mirror %s created: %s -> %s", name, source.name, target.name)
+        return mirror
+
+    def _check_pair(self, source: Lun, target: Lun, name: str) -> None:
+        if source is target:
+            raise InvalidArgument("a LUN cannot mirror itself")
+        if source.size != target.size:
+            raise InvalidArgument(
+                f"target {target.name} is {target.size} bytes, source {source.name} is "
+                f"{source.size}: they must be the same size"
+            )
+        if name in self._mirrors:
+            raise Conflict(f"a mirror named {name!r} already exists")
+        for m in self._mirrors.values():
+            if target in (m.source, m.target):
+                raise Conflict(f"LUN {target.name} already belongs to mirror {m.name}")
+            if source is m.target:
+                raise Conflict(f"LUN {source.name} is the target of mirror {m.name}")
+        if target.record.read_only:
+            raise Conflict(f"target LUN {target.name} is read-only")
+
+    def delete(self, name: str) -> None:
+        mirror = self.get(name)
+        mirror.detach()
+        backend = mirror.source.backend
+        if isinstance(backend, MirroredBackend):
+            backend.mirrors.remove(mirror)
+            if not backend.mirrors:
+                mirror.source.backend = backend.inner
+        self.store.delete_mirror(mirror.record.id)
+        del self._mirrors[mirror.name]
+        log.info(
+            "mirror %s deleted; LUNs %s and %s kept", name, mirror.source.name, mirror.target.name
+        )
+
+    # -- background work -------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        return any(m.state in COPYING for m in self._mirrors.values())
+
+    def copy_step(self, budget: int = COPY_CHUNK) -> int:
+        return sum(m.copy_step(budget) for m in self.all() if m.state in COPYING)
+
+    def checkpoint(self, idle: float) -> None:
+        for m in self._mirrors.values():
+            m.checkpoint_if_due(idle)
+
+    def close(self) -> None:
+        for m in self._mirrors.values():
+            m.checkpoint()
