@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -184,8 +184,7 @@ class Mirror:
         if self.state in FAN_OUT:
             self._to_leg(self.leg.flush)
 
-    def _to_leg(self, op: object) -> None:
-        assert callable(op)
+    def _to_leg(self, op: Callable[[], None]) -> None:
         try:
             op()
         except BackendError as exc:
