@@ -123,12 +123,15 @@ async def _checkpoint_loop(array: Array, clean_after: float) -> None:
 
 async def _mirror_copy_loop(array: Array) -> None:
     """Drive mirror copies in bounded steps; host I/O runs between steps."""
+    work = asyncio.Event()
+    array.mirrors.wake = work.set
     while True:
         if array.mirrors.busy():
             array.mirrors.copy_step()
             await asyncio.sleep(0)
         else:
-            await asyncio.sleep(0.05)
+            work.clear()
+            await work.wait()
 
 
 async def _wait_for_stop(stop: asyncio.Event, api_task: asyncio.Task[None]) -> None:

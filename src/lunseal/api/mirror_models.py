@@ -28,10 +28,14 @@ class MirrorInfo(BaseModel):
     state: Literal["syncing", "synced", "split", "resyncing", "restoring", "degraded"]
     percent_done: float = Field(description="progress of the running copy (100 when idle)")
     bytes_left: int = Field(description="bytes in regions that still differ or may differ")
-    bytes_copied: int = Field(description="bytes copied by the running operation so far")
+    bytes_copied: int = Field(
+        description="bytes copied by the running (or last) copy since the daemon started"
+    )
     source_dirty_regions: int
     target_dirty_regions: int
     granularity: int
     split_at: float | None
     target_access: Literal["ro", "rw"]
-    reason: str = Field(description="why the mirror is degraded (empty otherwise)")
+    reason: str = Field(
+        description="why the mirror is degraded or its last restore failed (empty otherwise)"
+    )

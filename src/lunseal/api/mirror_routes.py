@@ -7,7 +7,7 @@ from fastapi import FastAPI, Response
 from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
 from lunseal.engine.array import Array
 from lunseal.engine.mirror import SOURCE, TARGET, Mirror
-from lunseal.errors import NotFound
+from lunseal.errors import LunsealError, NotFound
 
 
 def mirror_info(m: Mirror) -> MirrorInfo:
@@ -40,11 +40,19 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         """Pair SOURCE with TARGET; the initial full copy runs in the background."""
         source = array.lun(body.source)
         target = array.find(body.target)
+        created = False
         if target is None:
             if not body.create_target:
                 raise NotFound(f"no LUN named {body.target!r} (use create_target to create it)")
             target = array.create_lun(body.target, source.size)
-        return mirror_info(mirrors.create(source, target, body.name))
+            created = True
+        try:
+            mirror = mirrors.create(source, target, body.name)
+        except LunsealError:
+            if created:  # a refused mirror leaves no LUN behind that the caller did not ask for
+                array.delete_lun(target.name, force=True)
+            raise
+        return mirror_info(mirror)
 
     @app.get("/v1/mirrors", response_model=list[MirrorInfo], tags=["mirrors"])
     async def list_mirrors() -> list[MirrorInfo]:
@@ -55,10 +63,10 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         return mirror_info(mirrors.get(name))
 
     @app.post("/v1/mirrors/{name}/split", response_model=MirrorInfo, tags=["mirrors"])
-    async def split(name: str, body: MirrorSplit) -> MirrorInfo:
+    async def split(name: str, body: MirrorSplit | None = None) -> MirrorInfo:
         """Stop mirroring; from now on the regions written on either side are recorded."""
         m = mirrors.get(name)
-        m.split(body.target_access)
+        m.split((body or MirrorSplit()).target_access)
         return mirror_info(m)
 
     @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])

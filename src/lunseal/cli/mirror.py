@@ -8,10 +8,12 @@ import time
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from lunseal.api.mirror_models import MirrorInfo
 from lunseal.cli.common import client, console, emit, options, table
 from lunseal.client import ArrayClient
+from lunseal.errors import BackendError, InvalidArgument
 from lunseal.units import format_size
 
 app = typer.Typer(help="Mirror LUNs: sync, split, resync, restore.", no_args_is_help=True)
@@ -60,15 +62,29 @@ def status(
                 m.name,
                 m.source,
                 m.target,
-                m.state + (f" ({m.reason})" if m.reason else ""),
+                m.state,
                 f"{m.percent_done:.1f}%",
                 format_size(m.bytes_left),
                 f"{m.source_dirty_regions}/{m.target_dirty_regions}",
                 split,
             )
-        console.print(t)
+        _print_unfolded(t)
+        for m in found:
+            if m.reason:  # long (paths, errors): below the table, not folded into it
+                console.print(f"{m.name}: {m.reason}")
 
     emit(ctx, found, human)
+
+
+def _print_unfolded(t: Table) -> None:
+    """Print at the table's natural width: a row never folds (soft wrap, as for URIs)."""
+    natural = console.measure(t, options=console.options.update_width(1 << 16)).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(t)
+    finally:
+        console.width = width
 
 
 @app.command("split")
@@ -78,6 +94,8 @@ def split(
     target_access: str = typer.Option("ro", "--target-access", help="ro or rw for hosts"),
 ) -> None:
     """Split a synced mirror; writes on either side are recorded from now on."""
+    if target_access not in ("ro", "rw"):
+        raise InvalidArgument(f"--target-access must be ro or rw, not {target_access!r}")
     with client(ctx) as api:
         info = api.split_mirror(mirror, target_access=target_access)
     emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
@@ -120,7 +138,16 @@ def _describe(m: MirrorInfo) -> str:
 
 
 def _maybe_wait(ctx: typer.Context, api: ArrayClient, info: MirrorInfo, wait: bool) -> MirrorInfo:
-    if not wait or info.state not in COPYING:
+    if not wait:
+        return info
+    info = _wait(ctx, api, info)
+    if info.reason:  # degraded, or a restore failed: the copy did not finish
+        raise BackendError(f"mirror {info.name} is {info.state}: {info.reason}")
+    return info
+
+
+def _wait(ctx: typer.Context, api: ArrayClient, info: MirrorInfo) -> MirrorInfo:
+    if info.state not in COPYING:
         return info
     show = sys.stderr.isatty() and not options(ctx).json
     with Progress(

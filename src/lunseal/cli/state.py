@@ -12,6 +12,7 @@ from typing import Literal
 import typer
 
 from lunseal.cli.common import client, console, emit, options, table
+from lunseal.engine.state import validate_mode
 from lunseal.units import format_size
 
 app = typer.Typer(help="Track LUN state: holds, tokens and change maps.", no_args_is_help=True)
@@ -37,6 +38,8 @@ def enable(
     ),
 ) -> None:
     """Acquire a hold: tracking is on while any hold exists. Prints the token."""
+    if mode is not None:
+        validate_mode(mode)  # one-line error, not the client's pydantic traceback
     with client(ctx) as api:
         info = api.acquire_hold(lun, hold, mode=mode, granularity=track_changes)
     emit(ctx, info, lambda: console.print(info.token, highlight=False))

@@ -154,6 +154,8 @@ class Mirror:
         self._intents = set(intents)
         self.copied = 0  # bytes copied by the running operation in this process
         self._last_mark = 0.0
+        #: Called when a copy starts, so whoever drives copy_step wakes up at once.
+        self.on_copy_start: Callable[[], None] = lambda: None
         self._last_checkpoint = time.monotonic()
         target.listeners.append(self._on_target_change)
         self._apply_guards()
@@ -264,6 +266,7 @@ class Mirror:
         self.maps[TARGET].clear(0, self.maps[TARGET].size)
         self.copied = 0
         self._set(state=state, op_total=self.dirty_bytes(), reason="")
+        self.on_copy_start()
         self.checkpoint()  # in the copying state now, so the maps are kept
         log.info("mirror %s: %s %d bytes", self.name, state, self.record.op_total)
 
@@ -283,7 +286,15 @@ class Mirror:
             try:
                 self._copy(offset, length)
             except BackendError as exc:
-                self.degrade(f"copy {offset}+{length} failed: {exc.message}")
+                if self.state == RESTORING:
+                    # The target still holds the backup: stay split (the regions not
+                    # restored stay marked) so the restore can be retried.  Degraded
+                    # would leave only resync, which overwrites the backup.
+                    reason = f"restore failed: copy {offset}+{length}: {exc.message}"
+                    log.error("mirror %s: %s", self.name, reason)
+                    self._set(state=SPLIT, op_total=0, reason=reason)
+                else:
+                    self.degrade(f"copy {offset}+{length} failed: {exc.message}")
                 break
             self.work.clear(offset, length)
             done += length
@@ -350,6 +361,10 @@ class Mirror:
             self._start(RESYNCING)
         elif self.state in COPYING:
             log.info("mirror %s: resuming %s", self.name, self.state)
+            # A crash between saving the copying state and saving the merged maps
+            # (see _start) leaves the target's marks apart: copy the union.
+            self.maps[SOURCE].merge(self.maps[TARGET])
+            self.maps[TARGET].clear(0, self.maps[TARGET].size)
             self.copied = 0
 
     # -- status ------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class MirrorSet:
         self.store = store
         self._lun_by_uuid = lun_by_uuid
         self._mirrors: dict[str, Mirror] = {}
+        #: Set by the daemon: wakes its copy loop when a copy starts.
+        self.wake: Callable[[], None] = lambda: None
 
     def load(self) -> None:
         for rec in self.store.mirrors():
@@ -57,6 +59,7 @@ class MirrorSet:
         if not isinstance(source.backend, MirroredBackend):
             source.backend = MirroredBackend(source.backend)
         mirror = Mirror(rec, source, target, LocalLeg(target), self.store, maps, intents)
+        mirror.on_copy_start = lambda: self.wake()
         source.backend.mirrors.append(mirror)
         self._mirrors[rec.name] = mirror
         return mirror
@@ -93,6 +96,8 @@ class MirrorSet:
         )
         maps = {side: ChangeMap(source.size, GRANULARITY) for side in (SOURCE, TARGET)}
         maps[SOURCE].mark_all()  # the initial sync copies everything
+        # Maps first: a mirror record found without its maps would sync nothing.
+        self.store.save_maps(rec.id, maps)
         self.store.save_mirror(rec)
         mirror = self._attach(rec, source, target, maps, set())
         mirror.begin_sync()
