@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
 from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunUpdate
@@ -25,7 +25,7 @@ from lunseal.api.state_models import (
     StateInfo,
     TokenCheck,
 )
-from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, LunsealError
+from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, InvalidArgument, LunsealError
 from lunseal.home import Home
 
 M = TypeVar("M", bound=BaseModel)
@@ -124,9 +124,17 @@ class ArrayClient:
         granularity: str | int | None = None,
         track_changes: bool = False,
     ) -> HoldInfo:
-        body = HoldAcquire.model_validate(
-            {"hold": hold, "mode": mode, "granularity": granularity, "track_changes": track_changes}
-        )
+        try:
+            body = HoldAcquire.model_validate(
+                {
+                    "hold": hold,
+                    "mode": mode,
+                    "granularity": granularity,
+                    "track_changes": track_changes,
+                }
+            )
+        except ValidationError as exc:
+            raise InvalidArgument(f"invalid hold request: {exc.errors()[0]['msg']}") from None
         response = self._call(
             "POST", f"/v1/luns/{_quote(lun)}/holds", json=body.model_dump(exclude_none=True)
         )

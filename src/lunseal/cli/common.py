@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -16,7 +17,9 @@ from lunseal.errors import InvalidArgument
 from lunseal.home import resolve_home
 
 # soft_wrap: never fold long lines (URIs, paths) so they survive pipes and copy-paste.
-console = Console(soft_wrap=True)
+# Piped output is read by scripts and copied from: give tables room so tokens
+# and UUIDs stay on one line (a terminal keeps its own width).
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 class _Options(Protocol):
@@ -61,7 +64,6 @@ def emit(
 def table(*columns: str) -> Table:
     t = Table(show_edge=False, header_style="bold")
     for col in columns:
-        # Tokens and UUIDs are copied from here: fold them, never cut them.
         if col in {"#", "SIZE", "CONNS"}:
             t.add_column(col, justify="right", overflow="fold")
         else:

@@ -1,0 +1,364 @@
+"""State tokens against ``kill -9``: real daemons, real NBD writers, real SIGKILLs.
+
+The long test kills a daemon at random moments while fio (ioengine=nbd) and
+qemu-io write to some of its LUNs through the Unix socket, restarts it, and
+checks every token it read before the kill:
+
+* a token of a LUN that provably received a write after the token was read
+  must check ``changed`` (C1) -- zero false ``intact`` allowed;
+* a token of a LUN that was idle for longer than ``--clean-after`` before the
+  kill should check ``intact`` (C3): the false-``changed`` rate is printed and
+  must stay low; for LUNs untouched since the last start-up it must be zero.
+
+"Provably received a write after the token": the token was read before an NBD
+client's write was acknowledged (qemu-io exited), or a later token read
+differed (the state only moves on an accepted change).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lunseal.client import ArrayClient
+from tests.support.daemon import Daemon
+from tests.support.tools import require_tools
+
+pytestmark = [pytest.mark.crash, pytest.mark.daemon]
+
+MiB = 1 << 20
+CLEAN_AFTER = 0.2
+#: The daemon checkpoints every clean_after / 4 (at least 0.05 s), then flushes
+#: the file: an idle LUN is recorded clean a little after CLEAN_AFTER.
+IDLE_SLACK = 0.15
+LUN_SIZE = 32 * MiB
+LUNS = {"c0": "counter", "c1": "timestamp", "c2": "flag", "c3": "counter"}
+KILLS = 50
+TIME_BUDGET = 170.0  # seconds for the whole kill loop
+
+
+def start_daemon(home: Path) -> Daemon:
+    return Daemon(home, extra_args=["--clean-after", str(CLEAN_AFTER), "--no-demo"]).start()
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def qemu_io(daemon: Daemon, lun: str, *commands: str) -> None:
+    args = ["qemu-io", "-f", "raw"]
+    for command in commands:
+        args += ["-c", command]
+    proc = subprocess.run(
+        [*args, daemon.uri(lun)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class Writers:
+    """Background NBD writers (fio), ended by their own pid only."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def fio(self, uri: str, rw: str, seed: int) -> None:
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    "fio",
+                    "--name=crash",
+                    "--ioengine=nbd",
+                    f"--uri={uri}",
+                    f"--rw={rw}",
+                    "--bs=4k",
+                    "--iodepth=4",
+                    f"--size={LUN_SIZE}",
+                    "--time_based",
+                    "--runtime=60",
+                    f"--randseed={seed}",
+                    "--output=/dev/null",
+                ],
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        self.procs.clear()
+
+
+@pytest.fixture
+def writers(tmp_path: Path) -> Iterator[Writers]:
+    w = Writers(tmp_path)
+    yield w
+    w.stop()
+
+
+@dataclass
+class Tally:
+    must_change: int = 0
+    false_intact: list[str] = field(default_factory=list)
+    idle: int = 0
+    idle_kept: int = 0
+    idle_lost: list[str] = field(default_factory=list)
+    untouched: int = 0
+    untouched_kept: int = 0
+    untouched_lost: list[str] = field(default_factory=list)
+    borderline: int = 0  # idle, but not yet beyond clean-after plus slack
+    borderline_kept: int = 0
+    old_rechecked: int = 0
+
+
+@dataclass
+class Pending:
+    lun: str
+    token: str
+    kind: str  # "must-change", "idle", "untouched", "borderline"
+    note: str
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_at_random_moments(tmp_path: Path, writers: Writers) -> None:
+    require_tools("fio", "qemu-io")
+    seed = int(os.environ.get("LUNSEAL_CRASH_SEED", str(random.randrange(1 << 32))))
+    print(f"crash test seed {seed} (LUNSEAL_CRASH_SEED to repeat)")
+    rng = random.Random(seed)
+    home = tmp_path / "home"
+    tally = Tally()
+    every_must_change: list[Pending] = []
+
+    daemon = start_daemon(home)
+    try:
+        with daemon.client() as api:
+            for name, mode in LUNS.items():
+                api.create_lun(name, LUN_SIZE)
+                api.acquire_hold(name, "backup", mode=mode)
+        kills = 0
+        started = time.monotonic()
+        while kills < KILLS and time.monotonic() - started < TIME_BUDGET:
+            with daemon.client() as api:
+                pending = one_round(api, daemon, writers, rng, kills)
+            # Kill the writers only after the daemon: they must not stop first.
+            writers.stop()
+            assert daemon.proc is not None
+            assert daemon.proc.poll() is not None  # killed inside the round
+            kills += 1
+            daemon = start_daemon(home)
+            with daemon.client() as api:
+                settle(api, pending, tally)
+                every_must_change.extend(p for p in pending if p.kind == "must-change")
+                for old in rng.sample(every_must_change, min(8, len(every_must_change))):
+                    outcome = api.check_token(old.lun, old.token)
+                    tally.old_rechecked += 1
+                    if outcome.result != "changed":
+                        tally.false_intact.append(f"re-check: {old.note}: {outcome.reason}")
+        elapsed = time.monotonic() - started
+    finally:
+        writers.stop()
+        daemon.kill()
+
+    idle_rate = tally.idle_kept / tally.idle if tally.idle else 0.0
+    print(
+        f"\nkills: {kills} in {elapsed:.0f}s\n"
+        f"tokens that had to change: {tally.must_change} "
+        f"(+{tally.old_rechecked} re-checks after later crashes), "
+        f"false intact: {len(tally.false_intact)}\n"
+        f"idle > clean-after+{IDLE_SLACK}s: kept {tally.idle_kept}/{tally.idle} "
+        f"({idle_rate:.1%}), false changed {tally.idle - tally.idle_kept}\n"
+        f"untouched since start-up: kept {tally.untouched_kept}/{tally.untouched}\n"
+        f"borderline (idle {CLEAN_AFTER}-{CLEAN_AFTER + IDLE_SLACK}s): "
+        f"kept {tally.borderline_kept}/{tally.borderline}"
+    )
+    for line in tally.idle_lost[:10]:
+        print("  idle token lost:", line)
+    assert kills >= KILLS, f"only {kills} kills in {TIME_BUDGET}s"
+    assert tally.must_change >= 2 * KILLS
+    assert tally.false_intact == [], tally.false_intact  # C1: never
+    assert tally.idle >= 20
+    assert idle_rate >= 0.9, tally.idle_lost
+    assert tally.untouched > 0
+    assert tally.untouched_lost == []  # C3: nothing unrecorded, nothing lost
+
+
+def one_round(
+    api: ArrayClient, daemon: Daemon, writers: Writers, rng: random.Random, round_no: int
+) -> list[Pending]:
+    """Write, read tokens, SIGKILL. Returns the tokens to check after the restart."""
+    names = list(LUNS)
+    rng.shuffle(names)
+    busy = names[: rng.randint(1, 2)]
+    quiet = names[len(busy) : len(busy) + rng.randint(1, 2)]
+    untouched = [n for n in names if n not in busy and n not in quiet]
+    pending: list[Pending] = []
+    pre = {name: api.token(name).token for name in names}
+
+    for name in busy:
+        writers.fio(
+            daemon.uri(name),
+            rng.choice(["randwrite", "randwrite", "randrw"]),
+            rng.randrange(1 << 30),
+        )
+    for name in quiet:
+        offset = rng.randrange(LUN_SIZE // MiB) * MiB
+        command = rng.choice(
+            [
+                f"write -P {round_no % 250} {offset} 64k",
+                f"write -z {offset} 1M",
+                f"discard {offset} 1M",
+            ]
+        )
+        qemu_io(daemon, name, command)
+        after = api.token(name).token
+        # C2, live: a token read after the write was acknowledged reflects it.
+        assert after != pre[name], (name, command)
+        pending.append(Pending(name, pre[name], "must-change", f"{name} before {command}"))
+    quiet_done = time.monotonic()
+    idle_tokens = {name: api.token(name).token for name in quiet}
+
+    for name in busy:
+        wait_until(f"fio writing to {name}", lambda n=name: api.token(n).token != pre[n])
+        pending.append(Pending(name, pre[name], "must-change", f"{name} before fio"))
+
+    # Until the kill: busy LUNs' tokens at random moments; a later differing read
+    # proves a write was accepted after the earlier one.
+    kill_at = quiet_done + rng.uniform(0.05, 1.2)
+    last = {name: api.token(name).token for name in busy}
+    while time.monotonic() < kill_at:
+        time.sleep(min(rng.uniform(0.0, 0.15), max(0.0, kill_at - time.monotonic())))
+        for name in busy:
+            now = api.token(name).token
+            if now != last[name]:
+                pending.append(Pending(name, last[name], "must-change", f"{name} mid-write"))
+                last[name] = now
+    for name in quiet:
+        # Stable while idle (C3, live), in every mode.
+        assert api.token(name).token == idle_tokens[name], name
+    assert daemon.proc is not None
+    killed_at = time.monotonic()
+    daemon.proc.kill()
+    daemon.proc.wait()
+
+    idle_for = killed_at - quiet_done
+    for name in quiet:
+        kind = "idle" if idle_for > CLEAN_AFTER + IDLE_SLACK else "borderline"
+        if idle_for > CLEAN_AFTER:
+            pending.append(Pending(name, idle_tokens[name], kind, f"{name} idle {idle_for:.2f}s"))
+    for name in untouched:
+        pending.append(Pending(name, pre[name], "untouched", f"{name} untouched"))
+    return pending
+
+
+def settle(api: ArrayClient, pending: list[Pending], tally: Tally) -> None:
+    for p in pending:
+        outcome = api.check_token(p.lun, p.token)
+        kept = outcome.result == "intact"
+        if p.kind == "must-change":
+            tally.must_change += 1
+            if kept:
+                tally.false_intact.append(f"{p.note}: {p.token}")
+        elif p.kind == "idle":
+            tally.idle += 1
+            tally.idle_kept += kept
+            if not kept:
+                tally.idle_lost.append(f"{p.note}: {outcome.reason}")
+        elif p.kind == "borderline":
+            tally.borderline += 1
+            tally.borderline_kept += kept
+        else:
+            tally.untouched += 1
+            tally.untouched_kept += kept
+            if not kept:
+                tally.untouched_lost.append(f"{p.note}: {outcome.reason}")
+
+
+# -- deterministic cases ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crashy(tmp_path: Path) -> Iterator[Callable[[], Daemon]]:
+    """Start (and restart) daemons on one home; whatever runs at the end is killed."""
+    running: list[Daemon] = []
+
+    def start() -> Daemon:
+        d = start_daemon(tmp_path / "home")
+        running.append(d)
+        return d
+
+    yield start
+    for d in running:
+        with contextlib.suppress(Exception):
+            d.kill()
+
+
+def test_kill_right_after_a_write_changes_the_token(crashy: Callable[[], Daemon]) -> None:
+    require_tools("qemu-io")
+    d = crashy()
+    with d.client() as api:
+        api.create_lun("x", "4M")
+        before = api.acquire_hold("x", "job").token
+    qemu_io(d, "x", "write 0 4k")
+    with d.client() as api:
+        after = api.token("x").token
+    assert after != before
+    d.kill()  # at once: well within clean-after
+    d = crashy()
+    with d.client() as api:
+        for token in (before, after):
+            outcome = api.check_token("x", token)
+            assert outcome.result == "changed"
+            assert "unclean shutdown" in outcome.reason
+        assert api.state("x").epoch == 2
+
+
+def test_kill_after_idle_keeps_the_token(crashy: Callable[[], Daemon]) -> None:
+    require_tools("qemu-io")
+    d = crashy()
+    with d.client() as api:
+        api.create_lun("x", "4M")
+        api.acquire_hold("x", "job", mode="flag", track_changes=True)
+    qemu_io(d, "x", "write 1M 4k")
+    with d.client() as api:
+        token = api.token("x").token
+    time.sleep(CLEAN_AFTER * 4)
+    d.kill()
+    d = crashy()
+    with d.client() as api:
+        outcome = api.check_token("x", token)
+        assert outcome.result == "intact", outcome.reason
+        # The checkpoint recorded the exact change map too.
+        assert [(e.offset, e.length) for e in api.changes("x", "job").extents] == [(MiB, 64 * 1024)]
+
+
+def test_clean_stop_keeps_tokens_even_right_after_a_write(crashy: Callable[[], Daemon]) -> None:
+    require_tools("qemu-io")
+    d = crashy()
+    with d.client() as api:
+        api.create_lun("x", "4M")
+        before = api.acquire_hold("x", "job", mode="timestamp").token
+    qemu_io(d, "x", "write 0 4k")
+    with d.client() as api:
+        after = api.token("x").token
+    assert d.stop() == 0  # SIGTERM at once, before any checkpoint
+    d = crashy()
+    with d.client() as api:
+        assert api.check_token("x", after).result == "intact"
+        assert api.check_token("x", before).result == "changed"
