@@ -17,6 +17,7 @@ data on the classes, so each front end maps errors in exactly one place::
     +-- DaemonUnavailable      the CLI cannot reach a daemon          (exit 5)
     +-- DataDirLocked          another daemon owns the data directory (exit 6)
     +-- ProtocolError          malformed wire framing: the connection is closed
+    +-- ArchiveCorrupt         a backup archive object is damaged or missing (exit 8)
 """
 
 from __future__ import annotations
@@ -117,6 +118,13 @@ class ProtocolError(LunsealError):
     code = "protocol_error"
 
 
+class ArchiveCorrupt(LunsealError):
+    """An archive chunk or manifest is damaged or missing; the message names what it affects."""
+
+    exit_code = 8
+    code = "archive_corrupt"
+
+
 #: Every error class by its stable ``code``, so the API client can rebuild the
 #: exception the daemon raised.
 ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
@@ -135,5 +143,6 @@ ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
         DaemonUnavailable,
         DataDirLocked,
         ProtocolError,
+        ArchiveCorrupt,
     )
 }

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from lunseal.client import ArrayClient
@@ -69,3 +78,27 @@ def table(*columns: str) -> Table:
         else:
             t.add_column(col, justify="left", overflow="fold")
     return t
+
+
+@contextlib.contextmanager
+def progress_bar(ctx: typer.Context) -> Iterator[Callable[[str, int, int], None]]:
+    """A (what, done, total) progress callback: a rich bar on a terminal, silent
+    with --json or when output is piped."""
+    show = sys.stderr.isatty() and not options(ctx).json
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not show,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield update

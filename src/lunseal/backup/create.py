@@ -1,0 +1,191 @@
+"""``backup create``: the seed's hostCode backup, with an incremental series.
+
+resync the mirror (or create it) -> wait until synced -> pre-split hook ->
+split -> post-split hook -> hold with a change map on the target + its token
+-> stream the target into the archive -> record the backup.
+
+Incremental: when the previous backup of the same source on the same target
+still checks ``intact``, only the chunks its hold's change map names (which
+include what the resync wrote) are read; the rest reference its chunks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lunseal.api.mirror_models import MirrorInfo
+from lunseal.archive import Manifest, Repository
+from lunseal.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
+from lunseal.backup.hooks import run_hook
+from lunseal.client import ArrayClient
+from lunseal.errors import Conflict, LunsealError, NotFound
+from lunseal.nbd.client import NbdClient
+
+HOLD_GRANULARITY = "64K"
+
+
+@dataclass
+class BackupResult:
+    manifest: Manifest
+    mode: str  # "full" or "incremental"
+    reason: str
+    bytes_read: int
+
+
+@dataclass
+class Basis:
+    """What the new backup can build on."""
+
+    parent: Manifest | None
+    changed_chunks: set[int] | None  # None: read everything
+    reason: str
+
+
+def latest_backup(repo: Repository, source: str, target: str) -> Manifest | None:
+    series = [
+        m
+        for m in repo.manifests()
+        if m.meta.get("source") == source and m.meta.get("target") == target
+    ]
+    return max(series, key=lambda m: m.created_at, default=None)
+
+
+def create_backup(
+    api: ArrayClient,
+    repo: Repository,
+    source: str,
+    mirror: str,
+    *,
+    pre_split: str | None = None,
+    post_split: str | None = None,
+    target_access: str = "ro",
+    log: Log,
+    progress: ProgressFn,
+) -> BackupResult:
+    src = api.show_lun(source)
+    m = _ensure_mirror(api, source, mirror, log, progress)
+    basis = _basis(api, repo, source, m.target, log)
+    m = _resync(api, m, log, progress)
+    run_hook("pre-split", pre_split)  # a failure leaves the mirror synced
+    api.split_mirror(m.name, target_access=target_access)
+    log(f"split mirror {m.name} (target {m.target}, hosts {target_access})")
+    try:
+        run_hook("post-split", post_split)
+    except LunsealError as exc:
+        log(f"warning: {exc.message} (the split copy is taken; continuing)")
+    hold = f"backup-{uuid.uuid4().hex[:12]}"
+    info = api.acquire_hold(m.target, hold, mode="counter", granularity=HOLD_GRANULARITY)
+    log(f"target {m.target} token {info.token} (hold {hold})")
+    meta: dict[str, Any] = {
+        "source": source,
+        "source_uuid": src.uuid,
+        "mirror": m.name,
+        "target": m.target,
+        "target_uuid": api.show_lun(m.target).uuid,
+        "token": info.token,
+        "hold": hold,
+        "parent": basis.parent.id if basis.parent else None,
+        "mode": "full" if basis.changed_chunks is None else "incremental",
+        "reason": basis.reason,
+    }
+    manifest, read = _stream(api, repo, m.target, src.size, basis, meta, progress)
+    log(f"backup {manifest.id}: {meta['mode']}, read {read} bytes of {src.size}")
+    if basis.parent is not None:
+        _release(api, m.target, str(basis.parent.meta.get("hold", "")), log)
+    return BackupResult(manifest, str(meta["mode"]), basis.reason, read)
+
+
+def _ensure_mirror(
+    api: ArrayClient, source: str, mirror: str, log: Log, progress: ProgressFn
+) -> MirrorInfo:
+    try:
+        m = api.mirror(mirror)
+    except NotFound:
+        log(f"no mirror {mirror}: creating it (target LUN {mirror})")
+        m = api.create_mirror(source, mirror, create_target=True)
+        return wait_mirror(api, m.name, progress)
+    if m.source != source:
+        raise Conflict(f"mirror {m.name} mirrors {m.source}, not {source}")
+    return m
+
+
+def _basis(api: ArrayClient, repo: Repository, source: str, target: str, log: Log) -> Basis:
+    parent = latest_backup(repo, source, target)
+    if parent is None:
+        reason = f"no earlier backup of {source} on {target}: full read"
+        log(reason)
+        return Basis(None, None, reason)
+    check = api.check_token(target, str(parent.meta.get("token", "")))
+    if check.result != "intact":
+        reason = f"mirror was altered since backup {parent.id}: full read ({check.reason})"
+        log(reason)
+        return Basis(parent, None, reason)
+    hold = str(parent.meta.get("hold", ""))
+    if hold not in {h.name for h in api.list_holds(target) if h.granularity}:
+        reason = f"the change map of backup {parent.id} is gone: full read"
+        log(reason)
+        return Basis(parent, None, reason)
+    reason = f"mirror unchanged since backup {parent.id}: incremental"
+    log(reason)
+    return Basis(parent, set(), reason)
+
+
+def _resync(api: ArrayClient, m: MirrorInfo, log: Log, progress: ProgressFn) -> MirrorInfo:
+    if m.state in ("split", "degraded"):
+        api.resync_mirror(m.name)
+        log(f"resync mirror {m.name}: {m.bytes_left} bytes to copy")
+    m = wait_mirror(api, m.name, progress)
+    if m.state != "synced":
+        raise Conflict(f"mirror {m.name} is {m.state}, expected synced")
+    log(f"mirror {m.name} synced")
+    return m
+
+
+def _changed_chunks(api: ArrayClient, target: str, hold: str, chunk_size: int) -> set[int]:
+    chunks: set[int] = set()
+    for ext in api.changes(target, hold).extents:
+        chunks.update(
+            range(ext.offset // chunk_size, (ext.offset + ext.length - 1) // chunk_size + 1)
+        )
+    return chunks
+
+
+def _stream(
+    api: ArrayClient,
+    repo: Repository,
+    target: str,
+    size: int,
+    basis: Basis,
+    meta: dict[str, Any],
+    progress: ProgressFn,
+) -> tuple[Manifest, int]:
+    cs = repo.chunk_size
+    count = -(-size // cs)
+    if basis.changed_chunks is not None and basis.parent is not None:
+        wanted = _changed_chunks(api, target, str(basis.parent.meta["hold"]), cs)
+    else:
+        wanted = set(range(count))
+    ranges = [(i * cs, min(cs, size - i * cs)) for i in sorted(wanted)]
+    total = sum(n for _, n in ranges)
+    read = 0
+    with repo.begin_backup(meta, size) as writer, NbdClient(nbd_uri(api, target)) as nbd:
+        if basis.parent is not None and basis.changed_chunks is not None:
+            for i in range(count):
+                if i not in wanted:
+                    writer.reuse_chunk(i, basis.parent.chunks[i])
+        for offset, data in nbd.read_ranges(ranges):
+            writer.add_chunk(offset // cs, data)
+            read += len(data)
+            progress(f"backup {target}", read, total)
+        writer.meta["bytes_read"] = read  # known only now; the manifest is written last
+        return writer.commit(), read
+
+
+def _release(api: ArrayClient, target: str, hold: str, log: Log) -> None:
+    try:
+        api.release_hold(target, hold)
+        log(f"released hold {hold} of the previous backup")
+    except NotFound:
+        pass
