@@ -20,6 +20,11 @@ from lunseal.nbd.client import NbdClient
 log = logging.getLogger(__name__)
 
 MIRROR, ARCHIVE, HYBRID = "mirror", "archive", "hybrid"
+_SOURCES = {
+    MIRROR: "from the mirror",
+    ARCHIVE: "from the archive",
+    HYBRID: "from the archive and the mirror",
+}
 
 
 @dataclass
@@ -35,7 +40,7 @@ class RestorePlan:
 
     def describe(self) -> str:
         return (
-            f"restore backup {self.backup.id} to LUN {self.dest} from the {self.path}: "
+            f"restore backup {self.backup.id} to LUN {self.dest} {_SOURCES[self.path]}: "
             f"{self.reason}; the mirror supplies {self.mirror_bytes} bytes, "
             f"the archive {self.archive_bytes} bytes"
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from lunseal import __version__
-from lunseal.cli import backup, lun, mirror, serve, state, status
+from lunseal.cli import backup, demo, lun, mirror, serve, state, status
 from lunseal.errors import LunsealError
 
 app = typer.Typer(
@@ -68,6 +68,7 @@ app.add_typer(mirror.app, name="mirror")
 app.add_typer(backup.app, name="backup")
 app.add_typer(backup.archive_app, name="archive")
 app.command("restore")(backup.restore)
+app.command("demo")(demo.demo)
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
