@@ -127,7 +127,12 @@ async def _mirror_copy_loop(array: Array) -> None:
     array.mirrors.wake = work.set
     while True:
         if array.mirrors.busy():
-            array.mirrors.copy_step()
+            try:
+                array.mirrors.copy_step()
+            except Exception:
+                # Never let one failure stop every mirror's copy for good.
+                log.exception("mirror copy step failed; retrying in a second")
+                await asyncio.sleep(1.0)
             await asyncio.sleep(0)
         else:
             work.clear()

@@ -5,8 +5,10 @@ does not change (nbdkit's filters).  The source LUN of a mirror gets a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp
-from lunseal.engine.mirror import Mirror
+from lunseal.engine.mirror import FAN_OUT, Mirror
 from lunseal.errors import BackendError, Conflict
 
 
@@ -63,25 +65,44 @@ class MirroredBackend(Layer):
         self.mirrors: list[Mirror] = []
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        for m in self.mirrors:
-            m.before_source_change(offset, len(data))
-        self.inner.write(offset, data)  # a source failure reaches the host as is
+        self._before(offset, len(data))
+        self._on_source(lambda: self.inner.write(offset, data), offset, len(data))
         for m in self.mirrors:
             m.replicate_write(offset, data)
 
     def trim(self, offset: int, length: int) -> None:
-        for m in self.mirrors:
-            m.before_source_change(offset, length)
-        self.inner.trim(offset, length)
+        self._before(offset, length)
+        self._on_source(lambda: self.inner.trim(offset, length), offset, length)
         for m in self.mirrors:
             m.replicate_zero(offset, length)  # the source now reads zeroes there
 
     def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
-        for m in self.mirrors:
-            m.before_source_change(offset, length)
-        self.inner.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+        self._before(offset, length)
+        zero = self.inner.zero
+        self._on_source(
+            lambda: zero(offset, length, may_trim=may_trim, fast_only=fast_only), offset, length
+        )
         for m in self.mirrors:
             m.replicate_zero(offset, length)
+
+    def _before(self, offset: int, length: int) -> None:
+        for m in self.mirrors:
+            m.before_source_change(offset, length)
+
+    def _on_source(self, op: Callable[[], None], offset: int, length: int) -> None:
+        """Run a source operation; a failure reaches the host as is.
+
+        The source may have changed partly, so the sides may now differ where
+        nobody can tell: the mirror degrades (keeping the region marked) and a
+        resync makes them equal again.
+        """
+        try:
+            op()
+        except BackendError as exc:
+            for m in self.mirrors:
+                if m.state in FAN_OUT:
+                    m.degrade(f"source write {offset}+{length} failed: {exc.message}")
+            raise
 
     def flush(self) -> None:
         self.inner.flush()
