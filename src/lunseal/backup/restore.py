@@ -37,6 +37,9 @@ class RestorePlan:
     mirror_bytes: int = 0
     archive_bytes: int = 0
     archive_chunks: list[int] = field(default_factory=list)
+    #: False when --i-know forced a changed disk copy: a difference from the
+    #: backup is then expected, and verification only reports it.
+    exact: bool = True
 
     def describe(self) -> str:
         return (
@@ -47,7 +50,7 @@ class RestorePlan:
 
 
 class VerifyFailed(LunsealError):
-    exit_code = 8
+    exit_code = 10
     code = "verify_failed"
 
 
@@ -71,9 +74,11 @@ def plan_restore(
                 f"the disk copy changed since backup {m.id} ({why}); restoring from it would "
                 "not give the backup: add --i-know to do it anyway"
             )
+        plan = _mirror_plan(api, m, dest, f"forced with --from mirror ({why})")
         if not intact:
             log.warning("restore of %s forced from a changed mirror: %s", m.id, why)
-        return _mirror_plan(api, m, dest, f"forced with --from mirror ({why})")
+            plan.exact = False
+        return plan
     if intact:
         return _mirror_plan(api, m, dest, f"the disk copy is intact: {why}")
     altered = _altered_chunks(api, m)
@@ -148,7 +153,12 @@ def run_restore(
     if plan.archive_chunks:
         _from_archive(api, repo, plan, progress)
         log(f"wrote {len(plan.archive_chunks)} chunk(s) from the archive to {plan.dest}")
-    verify(api, plan.backup, plan.dest, log=log, progress=progress)
+    try:
+        verify(api, plan.backup, plan.dest, log=log, progress=progress)
+    except VerifyFailed as exc:
+        if plan.exact:
+            raise
+        log(f"warning: {exc.message} (expected: restored from a changed disk copy with --i-know)")
 
 
 def _prevalidate(repo: Repository, plan: RestorePlan, progress: ProgressFn) -> None:

@@ -14,7 +14,13 @@ import struct
 import urllib.parse
 from collections.abc import Iterable, Iterator
 
-from lunseal.errors import BackendError, InvalidArgument, LunsealError, ProtocolError
+from lunseal.errors import (
+    BackendError,
+    InvalidArgument,
+    LunsealError,
+    NotFound,
+    ProtocolError,
+)
 from lunseal.nbd import constants as c
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -92,7 +98,8 @@ class NbdClient:
             if reply == c.REP_ACK:
                 break
             if reply & 0x80000000:
-                raise LunsealError(f"NBD export {self.export!r}: {body.decode(errors='replace')}")
+                error = NotFound if reply == c.REP_ERR_UNKNOWN else LunsealError
+                raise error(f"NBD export {self.export!r}: {body.decode(errors='replace')}")
             if reply == c.REP_INFO and struct.unpack(">H", body[:2])[0] == c.INFO_EXPORT:
                 size, flags = struct.unpack(">QH", body[2:12])
         if size < 0:
