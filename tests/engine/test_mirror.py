@@ -31,6 +31,7 @@ from lunseal.engine.mirror import (
     Mirror,
 )
 from lunseal.errors import BackendError, Conflict, InvalidArgument, NotFound, ReadOnly
+from tests.support.arrays import Arrays
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -49,35 +50,11 @@ TARGET_WRITES = [(GRANULARITY - 100, 200), (5 * MiB, 4096), (9 * MiB + 7, 70 * K
 # -- set-up ---------------------------------------------------------------------------------
 
 
-class Arrays:
-    """One data directory; restarts keep it, and whatever is open is closed at the end."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.current: Array | None = None
-
-    def open(self) -> Array:
-        assert self.current is None
-        self.current = Array.open(self.data_dir)
-        return self.current
-
-    def restart(self) -> Array:
-        assert self.current is not None
-        self.current.close()
-        self.current = None
-        return self.open()
-
-
 @pytest.fixture
 def arrays(tmp_path: Path) -> Iterator[Arrays]:
     a = Arrays(tmp_path / "data")
     yield a
-    if a.current is not None:
-        for lun in a.current.luns():  # a test may leave a fault injected
-            for layer in (lun.backend, getattr(lun.backend, "inner", None)):
-                if isinstance(layer, FaultyBackend):
-                    layer.fail_writes = False
-        a.current.close()
+    a.close()
 
 
 @pytest.fixture

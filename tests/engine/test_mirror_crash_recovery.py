@@ -9,7 +9,6 @@ crash loses is everything the array kept in memory (the exact region maps).
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from lunseal.engine.mirror import (
     Mirror,
 )
 from lunseal.errors import ReadOnly
+from tests.support.arrays import Arrays
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -43,40 +43,11 @@ class Crash(Exception):
     """Stands for the process dying at the point where it is raised."""
 
 
-def abandon(array: Array) -> None:
-    """Leave ``array`` as ``kill -9`` would: no flush, no checkpoint, no clean shutdown."""
-    for lun in array.luns():
-        lun.backend.close()
-    array.catalog.close()
-    os.close(array._lock_fd)
-
-
-class Arrays:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.current: Array | None = None
-
-    def open(self) -> Array:
-        assert self.current is None
-        self.current = Array.open(self.data_dir)
-        return self.current
-
-    def crash(self) -> Array:
-        """kill -9, then start-up."""
-        assert self.current is not None
-        abandon(self.current)
-        self.current = None
-        array = self.open()
-        assert not array.last_shutdown_clean
-        return array
-
-
 @pytest.fixture
 def arrays(tmp_path: Path) -> Iterator[Arrays]:
     a = Arrays(tmp_path / "data")
     yield a
-    if a.current is not None:
-        a.current.close()
+    a.close()
 
 
 @pytest.fixture

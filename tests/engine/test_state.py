@@ -33,6 +33,7 @@ from lunseal.engine.state import (
 )
 from lunseal.engine.state_store import SqliteStateStore
 from lunseal.errors import Conflict, InvalidArgument, NoSpace, NotFound, ReadOnly
+from tests.support.arrays import Arrays
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -145,48 +146,11 @@ NON_CHANGES: dict[str, Callable[[Lun], object]] = {
 # -- set-up: real arrays on real files -------------------------------------------------------
 
 
-def abandon(array: Array) -> None:
-    """Leave ``array`` as ``kill -9`` would: close its descriptors and the database
-    connection without flushing, checkpointing or recording a clean shutdown."""
-    for lun in array.luns():
-        lun.backend.close()
-    array.catalog.close()
-    os.close(array._lock_fd)
-
-
-class Arrays:
-    """Opens arrays on one data directory and closes whatever a test left open."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.current: Array | None = None
-
-    def open(self) -> Array:
-        assert self.current is None
-        self.current = Array.open(self.data_dir)
-        return self.current
-
-    def restart(self) -> Array:
-        """Clean shutdown and start-up."""
-        assert self.current is not None
-        self.current.close()
-        self.current = None
-        return self.open()
-
-    def crash(self) -> Array:
-        """kill -9 and start-up."""
-        assert self.current is not None
-        abandon(self.current)
-        self.current = None
-        return self.open()
-
-
 @pytest.fixture
 def arrays(tmp_path: Path) -> Iterator[Arrays]:
     a = Arrays(tmp_path / "data")
     yield a
-    if a.current is not None:
-        a.current.close()
+    a.close()
 
 
 @pytest.fixture

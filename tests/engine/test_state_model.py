@@ -34,7 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from lunseal.engine.array import Array
 from lunseal.engine.state import MODES
 from lunseal.errors import Conflict, NotFound
-from tests.engine.test_state import abandon
+from tests.support.arrays import abandon
 
 KiB = 1 << 10
 MiB = 1 << 20
