@@ -72,7 +72,7 @@ def wait_mirror(
         progress(f"{info.state} {name}", max(0, total - info.bytes_left), total)
         if time.monotonic() > deadline:
             raise LunsealError(f"mirror {name} still {info.state} after {timeout:.0f}s")
-        time.sleep(0.05)
+        time.sleep(0.01)
         info = api.mirror(name)
     progress(f"{name} {info.state}", total, total)
     if info.state == "degraded":

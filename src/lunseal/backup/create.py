@@ -11,6 +11,7 @@ include what the resync wrote) are read; the rest reference its chunks.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,12 @@ from lunseal.archive import Manifest, Repository
 from lunseal.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
 from lunseal.backup.hooks import run_hook
 from lunseal.client import ArrayClient
-from lunseal.errors import Conflict, LunsealError, NotFound
+from lunseal.errors import ArchiveCorrupt, Conflict, LunsealError, NotFound
 from lunseal.nbd.client import NbdClient
 
 HOLD_GRANULARITY = "64K"
+#: The holds this tool takes (``backup-`` + 12 hex digits).
+_HOLD_RE = re.compile(r"^backup-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -43,12 +46,25 @@ class Basis:
     reason: str
 
 
-def latest_backup(repo: Repository, source: str, target: str) -> Manifest | None:
-    series = [
-        m
-        for m in repo.manifests()
-        if m.meta.get("source") == source and m.meta.get("target") == target
-    ]
+def latest_backup(
+    repo: Repository, source: str, target: str, log: Log | None = None
+) -> Manifest | None:
+    """The newest readable backup of ``source`` on ``target``.
+
+    A damaged manifest must not stop every later backup: it is skipped (and
+    said).  Building on an older backup is safe: its token or change map no
+    longer matches the target, so the next backup reads everything.
+    """
+    series: list[Manifest] = []
+    for backup_id in repo.manifest_ids():
+        try:
+            m = repo.manifest(backup_id)
+        except ArchiveCorrupt as exc:
+            if log is not None:
+                log(f"warning: {exc.message}: not used as the basis of this backup")
+            continue
+        if m.meta.get("source") == source and m.meta.get("target") == target:
+            series.append(m)
     return max(series, key=lambda m: m.created_at, default=None)
 
 
@@ -94,6 +110,7 @@ def create_backup(
     log(f"backup {manifest.id}: {meta['mode']}, read {read} bytes of {src.size}")
     if basis.parent is not None:
         _release(api, m.target, str(basis.parent.meta.get("hold", "")), log)
+    _release_stale(api, m.target, hold, log)
     return BackupResult(manifest, str(meta["mode"]), basis.reason, read)
 
 
@@ -112,7 +129,7 @@ def _ensure_mirror(
 
 
 def _basis(api: ArrayClient, repo: Repository, source: str, target: str, log: Log) -> Basis:
-    parent = latest_backup(repo, source, target)
+    parent = latest_backup(repo, source, target, log)
     if parent is None:
         reason = f"no earlier backup of {source} on {target}: full read"
         log(reason)
@@ -179,6 +196,14 @@ def _stream(
             writer.add_chunk(offset // cs, data)
             read += len(data)
             progress(f"backup {target}", read, total)
+        # Unchanged since the token: what was read is the copy at the token, not
+        # a torn image of a copy someone wrote (a host with rw access, a resync).
+        check = api.check_token(target, str(meta["token"]))
+        if check.result != "intact":
+            raise Conflict(
+                f"the disk copy {target} changed while it was read ({check.reason}): "
+                "the backup is not recorded; run it again"
+            )
         writer.meta["bytes_read"] = read  # known only now; the manifest is written last
         return writer.commit(), read
 
@@ -189,3 +214,15 @@ def _release(api: ArrayClient, target: str, hold: str, log: Log) -> None:
         log(f"released hold {hold} of the previous backup")
     except NotFound:
         pass
+
+
+def _release_stale(api: ArrayClient, target: str, keep: str, log: Log) -> None:
+    """Release the holds of backups that never completed (killed) or whose record is
+    unreadable: only the newest backup's change map is ever used."""
+    for h in api.list_holds(target):
+        if h.name != keep and _HOLD_RE.match(h.name):
+            try:
+                api.release_hold(target, h.name)
+                log(f"released stale hold {h.name} (its backup never completed or is unreadable)")
+            except NotFound:
+                pass
