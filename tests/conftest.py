@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon
+from tests.support.tools import require_tools
 
 
 @pytest.fixture
@@ -16,3 +17,10 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.kill()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    """Where a test's backup archive goes; backup tests need the qemu tools too."""
+    require_tools("qemu-img", "qemu-io")
+    return tmp_path / "archive"

@@ -28,17 +28,10 @@ from tests.backup import (
     write,
 )
 from tests.support.daemon import Daemon
-from tests.support.tools import require_tools
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 
 SIZE = 64 * MiB
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Path:
-    require_tools("qemu-img", "qemu-io")
-    return tmp_path / "archive"
 
 
 def test_backup_overwrite_restore_from_mirror_then_from_archive(

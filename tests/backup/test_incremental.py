@@ -27,17 +27,10 @@ from tests.backup import (
 )
 from tests.interop.helpers import qemu_io
 from tests.support.daemon import Daemon
-from tests.support.tools import require_tools
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 
 KiB = 1 << 10
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Path:
-    require_tools("qemu-img", "qemu-io")
-    return tmp_path / "archive"
 
 
 def read_bound(extents: list[tuple[int, int]]) -> int:

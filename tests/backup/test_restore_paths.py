@@ -27,17 +27,10 @@ from tests.backup import (
     write,
 )
 from tests.support.daemon import Daemon
-from tests.support.tools import require_tools
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 
 SIZE = 32 * MiB
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Path:
-    require_tools("qemu-img", "qemu-io")
-    return tmp_path / "archive"
 
 
 @pytest.fixture

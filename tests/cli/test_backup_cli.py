@@ -29,17 +29,10 @@ from tests.backup import (
     write,
 )
 from tests.support.daemon import Daemon
-from tests.support.tools import require_tools
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 
 SIZE = 16 * MiB
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Path:
-    require_tools("qemu-img", "qemu-io")
-    return tmp_path / "archive"
 
 
 def series(daemon: Daemon, archive: Path, lun: str, count: int) -> list[str]:
