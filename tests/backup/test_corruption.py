@@ -155,6 +155,10 @@ def test_damaged_manifest_is_named_and_does_not_block_backups(
     proc = lunseal(daemon, archive, "archive", "check", ok=False)
     assert f"backup {b}: manifest digest mismatch (damaged or edited)" in proc.stdout
     assert proc.stdout.splitlines()[-1] == f"archive DAMAGED: affects {b}"
+    assert f"backup {b}: backup {b}" not in proc.stdout  # the id is named once
+    listed = lunseal(daemon, archive, "--json", "backup", "list")
+    assert [m["id"] for m in json.loads(listed.stdout)] == [a]  # the good one is listed
+    assert f"warning: backup {b}: manifest digest mismatch" in listed.stderr
     proc = lunseal(daemon, archive, "restore", b, "--from", "archive", ok=False)
     assert proc.returncode == 8
     assert f"backup {b}: manifest digest mismatch" in proc.stderr

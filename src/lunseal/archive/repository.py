@@ -181,7 +181,10 @@ class CheckReport:
         return sorted(ids)
 
     def lines(self) -> list[str]:
-        out = [f"backup {i}: {problem}" for i, problem in sorted(self.bad_manifests.items())]
+        out = [
+            f"backup {i}: {problem.removeprefix(f'backup {i}: ')}"
+            for i, problem in sorted(self.bad_manifests.items())
+        ]
         for p in self.chunk_problems:
             users = ", ".join(p.backups) or "no backup"
             out.append(f"chunk {p.digest}: {p.problem}; affects {users}")

@@ -13,7 +13,7 @@ from lunseal.backup.common import Log
 from lunseal.backup.create import create_backup
 from lunseal.backup.restore import plan_restore, run_restore
 from lunseal.cli.common import client, console, options, progress_bar, table
-from lunseal.errors import InvalidArgument
+from lunseal.errors import ArchiveCorrupt, InvalidArgument
 from lunseal.units import format_size
 
 app = typer.Typer(help="Back up LUNs through their mirrors into an archive.", no_args_is_help=True)
@@ -69,8 +69,14 @@ def create(
 
 @app.command("list")
 def list_(ctx: typer.Context, archive: Path | None = ARCHIVE_OPTION) -> None:
-    """List the backups in the archive, oldest first."""
-    manifests = open_repo(archive).manifests()
+    """List the backups in the archive, oldest first (damaged ones are named on stderr)."""
+    repo = open_repo(archive)
+    manifests = []
+    for backup_id in repo.manifest_ids():
+        try:
+            manifests.append(repo.manifest(backup_id))
+        except ArchiveCorrupt as exc:
+            typer.echo(f"lunseal: warning: {exc.message}", err=True)
     if options(ctx).json:
         typer.echo(_dumps([_manifest_json(m) for m in manifests]))
         return
