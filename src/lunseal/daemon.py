@@ -187,8 +187,9 @@ def _print_banner(home: Home, array: Array, nbd: NbdServer, api_url: str) -> Non
     if not array.luns():
         lines.append("  no LUNs yet: lunseal lun create NAME SIZE")
     lines.append(f"  API  {api_url}  (bearer token in {home.api_token}; OpenAPI: /openapi.json)")
-    lines.append(f"  CLI  lunseal --home {home.root} lun list")
-    lines.append("  try  qemu-img info " + (f"nbd://{_url_host(tcp[0])}:{tcp[1]}/" if tcp else ""))
+    cli = Path(sys.executable).with_name("lunseal")
+    lines.append(f"  CLI  {cli if cli.exists() else 'lunseal'} --home {home.root} lun list")
+    if tcp:
+        first = array.luns()[0].name if array.luns() else ""
+        lines.append(f"  try  qemu-img info nbd://{_url_host(tcp[0])}:{tcp[1]}/{first}")
     print("\n".join(lines), flush=True)
-    if sys.stdout is not None:
-        sys.stdout.flush()
