@@ -77,6 +77,7 @@ def list_(ctx: typer.Context, archive: Path | None = ARCHIVE_OPTION) -> None:
             manifests.append(repo.manifest(backup_id))
         except ArchiveCorrupt as exc:
             typer.echo(f"lunseal: warning: {exc.message}", err=True)
+    manifests.sort(key=lambda m: (m.created_at, m.id))  # ids resolve only to the second
     if options(ctx).json:
         typer.echo(_dumps([_manifest_json(m) for m in manifests]))
         return
