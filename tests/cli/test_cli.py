@@ -3,56 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from lunseal import __version__
-from tests.support.daemon import LUNSEAL, Daemon
+from tests.support.cli import cli, ok, ok_json
+from tests.support.cli import lunseal as run
+from tests.support.cli import one_line_error as assert_one_line_error
+from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.daemon
 
 MiB = 1 << 20
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``lunseal`` with a clean environment: no LUNSEAL_* or COLUMNS from outside."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("LUNSEAL_")}
-    base.pop("COLUMNS", None)
-    return subprocess.run(
-        [LUNSEAL, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=60
-    )
-
-
-def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return run("--home", str(daemon.home), *args)
-
-
-def ok(daemon: Daemon, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
-def ok_json(daemon: Daemon, *args: str) -> Any:
-    return json.loads(ok(daemon, "--json", *args))
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lunseal: error: ")
-    assert result.stdout == ""
-    return lines[0]
 
 
 def names(daemon: Daemon) -> list[str]:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from lunseal.nbd import constants as c
-from tests.support.daemon import LUNSEAL, Daemon
+from tests.support.cli import cli, ok, ok_json, one_line_error
+from tests.support.daemon import Daemon
 from tests.support.nbdclient import NbdClient
 
 pytestmark = pytest.mark.daemon
@@ -27,40 +28,6 @@ _counter = itertools.count()
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    """``lunseal --home HOME ARGS`` with no LUNSEAL_* or COLUMNS from outside."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNSEAL_")}
-    env.pop("COLUMNS", None)
-    return subprocess.run(
-        [LUNSEAL, "--home", str(daemon.home), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-
-
-def ok(daemon: Daemon, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
-def ok_json(daemon: Daemon, *args: str) -> Any:
-    return json.loads(ok(daemon, "--json", *args))
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lunseal: error: ")
-    assert result.stdout == ""
-    return lines[0]
 
 
 def nbd_write(daemon: Daemon, export: str, offset: int, data: bytes) -> int:

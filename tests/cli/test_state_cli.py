@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 from typing import Any
 
 import pytest
 
-from tests.support.daemon import LUNSEAL, Daemon
+from tests.support.cli import cli as run
+from tests.support.cli import ok, one_line_error
+from tests.support.daemon import Daemon
 from tests.support.tools import require_tools
 
 pytestmark = pytest.mark.daemon
@@ -21,39 +22,9 @@ MiB = 1 << 20
 _names = itertools.count()
 
 
-def run(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    """``lunseal --home HOME ARGS`` with no LUNSEAL_* or COLUMNS from outside."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNSEAL_")}
-    env.pop("COLUMNS", None)
-    return subprocess.run(
-        [LUNSEAL, "--home", str(daemon.home), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(daemon: Daemon, *args: str) -> str:
-    result = run(daemon, *args)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
 def ok_json(daemon: Daemon, *args: str) -> Any:
+    """``--json`` last on the line: the CLI accepts it anywhere."""
     return json.loads(ok(daemon, *args, "--json"))
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lunseal: error: ")
-    assert result.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture
