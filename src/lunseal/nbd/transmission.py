@@ -104,17 +104,19 @@ class Transmission:
             raise RequestError(c.EINVAL, f"read of {req.length} bytes exceeds the maximum")
         if req.flags & c.CMD_FLAG_DF and not self.structured:
             raise RequestError(c.EINVAL, "DF requires structured replies")
-        self.lun.check_read_range(req.offset, req.length)
-        if not self.structured:
-            out.append(codec.simple_reply(req.cookie))
-            out.append(self.lun.read_slice(req.offset, req.length))
-        elif req.length == 0:
+        if self.structured and req.length == 0:
+            self.lun.check_read_range(req.offset, 0)
             out.append(codec.none_chunk(req.cookie))
-        elif req.length >= HOLE_SCAN_MIN and not req.flags & c.CMD_FLAG_DF:
-            self._read_sparse(req, out)
+        elif self.structured and req.length >= HOLE_SCAN_MIN and not req.flags & c.CMD_FLAG_DF:
+            self._read_sparse(req, out)  # lun.extents checks the range before anything is queued
         else:
-            out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
-            out.append(self.lun.read_slice(req.offset, req.length))
+            # read_slice checks the range (once); the header is queued only after it passed.
+            data = self.lun.read_slice(req.offset, req.length)
+            if self.structured:
+                out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
+            else:
+                out.append(codec.simple_reply(req.cookie))
+            out.append(data)
 
     def _read_sparse(self, req: Request, out: Buffers) -> None:
         extents = _clip(self.lun.extents(req.offset, req.length), req.offset, req.length)
