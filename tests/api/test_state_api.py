@@ -11,6 +11,7 @@ import pytest
 
 from lunseal.client import ArrayClient
 from lunseal.errors import Conflict, InvalidArgument, NotFound
+from tests.interop.helpers import lun_io as qemu_io
 from tests.support.daemon import Daemon
 from tests.support.tools import require_tools
 
@@ -63,18 +64,6 @@ def check(http: httpx.Client, lun: str, tok: str) -> dict[str, Any]:
     assert result["token"] == tok
     assert result["reason"]
     return result
-
-
-def qemu_io(daemon: Daemon, lun: str, *commands: str) -> str:
-    require_tools("qemu-io")
-    args = ["qemu-io", "-f", "raw"]
-    for command in commands:
-        args += ["-c", command]
-    proc = subprocess.run(
-        [*args, daemon.uri(lun)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 # -- authentication ------------------------------------------------------------------------

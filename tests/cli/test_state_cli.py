@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 from typing import Any
 
 import pytest
 
+from tests.interop.helpers import lun_io as qemu_io
 from tests.support.cli import cli as run
 from tests.support.cli import ok, one_line_error
 from tests.support.daemon import Daemon
-from tests.support.tools import require_tools
 
 pytestmark = pytest.mark.daemon
 
@@ -49,17 +48,6 @@ def table_rows(out: str) -> list[list[str]]:
         else:
             found[-1] = [a + b for a, b in zip(found[-1], parts, strict=True)]
     return found
-
-
-def qemu_io(daemon: Daemon, lun: str, *commands: str) -> None:
-    require_tools("qemu-io")
-    args = ["qemu-io", "-f", "raw"]
-    for command in commands:
-        args += ["-c", command]
-    proc = subprocess.run(
-        [*args, daemon.uri(lun)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # -- enable, get, check, disable: the seed's commands as written ------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from lunseal.client import ArrayClient
+from tests.interop.helpers import lun_io as qemu_io
 from tests.support.daemon import Daemon
 from tests.support.tools import require_tools
 
@@ -55,16 +56,6 @@ def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 15.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
-
-
-def qemu_io(daemon: Daemon, lun: str, *commands: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for command in commands:
-        args += ["-c", command]
-    proc = subprocess.run(
-        [*args, daemon.uri(lun)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 class Writers:

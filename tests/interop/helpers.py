@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.support.daemon import Daemon
+from tests.support.tools import require_tools
+
 MiB = 1 << 20
 
 #: Every external tool gets at most this long; a hang is a failure, not a stuck CI job.
@@ -127,3 +130,9 @@ class QemuIoSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def lun_io(daemon: Daemon, lun: str, *commands: str) -> str:
+    """qemu-io commands on a LUN of ``daemon`` over its Unix socket; they must succeed."""
+    require_tools("qemu-io")
+    return qemu_io(daemon.uri(lun), *commands).stdout
