@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nbd_fio import Server, environment, parse_size, start_lunseal, stop, tool_version
+from nbd_fio import environment, lunseal_running, parse_size, tool_version
 
 from lunseal.archive import Manifest, Repository
 from lunseal.backup.common import Log, no_progress, wait_mirror
@@ -449,26 +449,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    lunseal: Server = start_lunseal(workdir, opts.size)
     setup: dict[str, float] = {}
-    try:
-        with ArrayClient.for_home(Path(lunseal.info["home"])) as api:
-            print(f"filling {LUN} ({opts.size / MiB:,.0f} MiB) with random data ...", flush=True)
-            setup["fill_s"], _ = timed(lambda: fill_random(lunseal.uri, opts.size, opts.seed))
-            os.sync()
-            print(f"creating mirror {MIRROR} ...", flush=True)
-            start = time.monotonic()
-            api.create_mirror(LUN, MIRROR, create_target=True)
-            wait_mirror(api, MIRROR, no_progress)
-            setup["initial_sync_s"] = time.monotonic() - start
-            samples = [repetition(r, api, lunseal.uri, opts, workdir) for r in range(opts.reps)]
-    except BaseException:
-        log = workdir / "lunseal.log"
-        if log.exists():
-            print(f"--- daemon log ({log}) ---\n{log.read_text()[-8000:]}", file=sys.stderr)
-        raise
-    finally:
-        stop(lunseal)
+    with (
+        lunseal_running(workdir, opts.size) as lunseal,
+        ArrayClient.for_home(Path(lunseal.info["home"])) as api,
+    ):
+        print(f"filling {LUN} ({opts.size / MiB:,.0f} MiB) with random data ...", flush=True)
+        setup["fill_s"], _ = timed(lambda: fill_random(lunseal.uri, opts.size, opts.seed))
+        os.sync()
+        print(f"creating mirror {MIRROR} ...", flush=True)
+        start = time.monotonic()
+        api.create_mirror(LUN, MIRROR, create_target=True)
+        wait_mirror(api, MIRROR, no_progress)
+        setup["initial_sync_s"] = time.monotonic() - start
+        samples = [repetition(r, api, lunseal.uri, opts, workdir) for r in range(opts.reps)]
     return {
         "environment": {**environment(), "qemu-img": tool_version("qemu-img", "--version")},
         "settings": {k: str(v) for k, v in vars(opts).items()},

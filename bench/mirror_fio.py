@@ -45,11 +45,10 @@ from nbd_fio import (
     Workload,
     environment,
     lunseal_cli,
+    lunseal_running,
     measure,
     parse_size,
     precondition,
-    start_lunseal,
-    stop,
 )
 
 from lunseal.api.mirror_models import MirrorInfo
@@ -340,18 +339,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    lunseal = start_lunseal(workdir, opts.size)
-    try:
-        with ArrayClient.for_home(Path(lunseal.info["home"])) as api:
-            writes = fan_out(lunseal, api, opts, workdir)
-            syncs = sync_times(lunseal, api, opts, workdir)
-    except BaseException:
-        log = workdir / "lunseal.log"
-        if log.exists():
-            print(f"--- daemon log ({log}) ---\n{log.read_text()[-8000:]}", file=sys.stderr)
-        raise
-    finally:
-        stop(lunseal)
+    with (
+        lunseal_running(workdir, opts.size) as lunseal,
+        ArrayClient.for_home(Path(lunseal.info["home"])) as api,
+    ):
+        writes = fan_out(lunseal, api, opts, workdir)
+        syncs = sync_times(lunseal, api, opts, workdir)
     return {
         "environment": environment(),
         "settings": {k: str(v) for k, v in vars(opts).items()},

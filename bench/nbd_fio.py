@@ -129,6 +129,21 @@ def stop(server: Server) -> None:
 
 
 @contextmanager
+def lunseal_running(workdir: Path, size: int) -> Iterator[Server]:
+    """A lunseal daemon for a benchmark; its log's tail is printed if the run fails."""
+    server = start_lunseal(workdir, size)
+    try:
+        yield server
+    except BaseException:
+        log = workdir / "lunseal.log"
+        if log.exists():
+            print(f"--- daemon log ({log}) ---\n{log.read_text()[-8000:]}", file=sys.stderr)
+        raise
+    finally:
+        stop(server)
+
+
+@contextmanager
 def servers(workdir: Path, size: int, threads: int | None) -> Iterator[list[Server]]:
     with ExitStack() as stack:
         lunseal = start_lunseal(workdir, size)
