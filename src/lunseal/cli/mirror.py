@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-import sys
-import time
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from lunseal.api.mirror_models import MirrorInfo
-from lunseal.cli.common import client, console, emit, options, table
+from lunseal.backup.common import COPYING, wait_mirror
+from lunseal.cli.common import client, console, emit, progress_bar, table
 from lunseal.client import ArrayClient
 from lunseal.errors import BackendError, InvalidArgument
 from lunseal.units import format_size
 
 app = typer.Typer(help="Mirror LUNs: sync, split, resync, restore.", no_args_is_help=True)
 
-COPYING = ("syncing", "resyncing", "restoring")
 WAIT_OPTION = typer.Option(False, "--wait", help="wait until the copy is done")
 
 
@@ -35,7 +32,7 @@ def create(
     with client(ctx) as api:
         info = api.create_mirror(source, target, name=name, create_target=create_target)
         info = _maybe_wait(ctx, api, info, wait)
-    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+    _show(ctx, info)
 
 
 @app.command("status")
@@ -98,7 +95,7 @@ def split(
         raise InvalidArgument(f"--target-access must be ro or rw, not {target_access!r}")
     with client(ctx) as api:
         info = api.split_mirror(mirror, target_access=target_access)
-    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+    _show(ctx, info)
 
 
 @app.command("resync")
@@ -108,7 +105,7 @@ def resync(
     """Copy the regions changed since the split, source -> target; then synced."""
     with client(ctx) as api:
         info = _maybe_wait(ctx, api, api.resync_mirror(mirror), wait)
-    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+    _show(ctx, info)
 
 
 @app.command("restore")
@@ -118,7 +115,7 @@ def restore(
     """Copy the regions changed since the split, target -> source; stays split."""
     with client(ctx) as api:
         info = _maybe_wait(ctx, api, api.restore_mirror(mirror), wait)
-    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
+    _show(ctx, info)
 
 
 @app.command("delete")
@@ -127,6 +124,10 @@ def delete(ctx: typer.Context, mirror: str = typer.Argument(..., help="mirror"))
     with client(ctx) as api:
         api.delete_mirror(mirror)
     emit(ctx, None, lambda: console.print(f"deleted mirror {mirror}"))
+
+
+def _show(ctx: typer.Context, info: MirrorInfo) -> None:
+    emit(ctx, info, lambda: console.print(f"mirror {info.name}: {_describe(info)}"))
 
 
 def _describe(m: MirrorInfo) -> str:
@@ -140,29 +141,9 @@ def _describe(m: MirrorInfo) -> str:
 def _maybe_wait(ctx: typer.Context, api: ArrayClient, info: MirrorInfo, wait: bool) -> MirrorInfo:
     if not wait:
         return info
-    info = _wait(ctx, api, info)
+    if info.state in COPYING:
+        with progress_bar(ctx) as progress:
+            info = wait_mirror(api, info.name, progress)  # raises when it ends degraded
     if info.reason:  # degraded, or a restore failed: the copy did not finish
         raise BackendError(f"mirror {info.name} is {info.state}: {info.reason}")
-    return info
-
-
-def _wait(ctx: typer.Context, api: ArrayClient, info: MirrorInfo) -> MirrorInfo:
-    if info.state not in COPYING:
-        return info
-    show = sys.stderr.isatty() and not options(ctx).json
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"{info.state} {info.name}", total=max(1, info.bytes_left))
-        total = max(1, info.bytes_left)
-        while info.state in COPYING:
-            bar.update(task, completed=max(0, total - info.bytes_left))
-            time.sleep(0.2)
-            info = api.mirror(info.name)
     return info
