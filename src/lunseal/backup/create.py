@@ -108,9 +108,7 @@ def create_backup(
     }
     manifest, read = _stream(api, repo, m.target, src.size, basis, meta, progress)
     log(f"backup {manifest.id}: {meta['mode']}, read {read} bytes of {src.size}")
-    if basis.parent is not None:
-        _release(api, m.target, str(basis.parent.meta.get("hold", "")), log)
-    _release_stale(api, m.target, hold, log)
+    _release_earlier_holds(api, m.target, hold, log)
     return BackupResult(manifest, str(meta["mode"]), basis.reason, read)
 
 
@@ -208,21 +206,14 @@ def _stream(
         return writer.commit(), read
 
 
-def _release(api: ArrayClient, target: str, hold: str, log: Log) -> None:
-    try:
-        api.release_hold(target, hold)
-        log(f"released hold {hold} of the previous backup")
-    except NotFound:
-        pass
-
-
-def _release_stale(api: ArrayClient, target: str, keep: str, log: Log) -> None:
-    """Release the holds of backups that never completed (killed) or whose record is
-    unreadable: only the newest backup's change map is ever used."""
+def _release_earlier_holds(api: ArrayClient, target: str, keep: str, log: Log) -> None:
+    """Release every earlier backup hold on the target: the previous backup's, and those
+    of runs that were killed or whose record is unreadable.  Only the newest backup's
+    change map is ever used."""
     for h in api.list_holds(target):
         if h.name != keep and _HOLD_RE.match(h.name):
             try:
                 api.release_hold(target, h.name)
-                log(f"released stale hold {h.name} (its backup never completed or is unreadable)")
+                log(f"released hold {h.name} of an earlier backup")
             except NotFound:
                 pass
