@@ -38,7 +38,8 @@ def snapshot(event: Event) -> Snapshot:
     if isinstance(event, ClientFlags):
         return ("flags", event.flags)
     if isinstance(event, OptionRequest):
-        return ("option", event.option, event.data)
+        extra = ("oversize",) if event.oversize else ()
+        return ("option", event.option, event.data, *extra)
     payload = None if event.payload is None else bytes(event.payload)
     fields = (event.flags, event.type, event.cookie, event.offset, event.length)
     return ("request", *fields, payload, event.oversize)
@@ -269,9 +270,30 @@ def test_bad_option_magic_is_detected_from_the_header_alone() -> None:
     assert_error_at_last_byte("options", option_header(3, 0, magic=IHAVEOPT + 1))
 
 
-@pytest.mark.parametrize("length", [(64 << 10) + 1, 2**32 - 1])
-def test_oversize_option_data_is_refused_before_it_arrives(length: int) -> None:
+@pytest.mark.parametrize("length", [(16 << 20) + 1, 2**32 - 1])
+def test_absurd_option_data_is_refused_before_it_arrives(length: int) -> None:
     assert_error_at_last_byte("options", option_header(3, length))
+
+
+@pytest.mark.parametrize("feed", FEEDERS)
+def test_oversize_option_data_is_skipped_then_reported(feed: Feeder) -> None:
+    """proto.md: NBD_REP_ERR_TOO_BIG exists for this; the client may carry on."""
+    length = (64 << 10) + 1
+    data = option_header(6, length) + b"\x33" * length + option(8)
+    events = feed(codec_in("options"), data)
+    assert events == [("option", 6, b"", "oversize"), ("option", 8, b"")]
+
+
+def test_oversize_option_is_reported_only_after_its_data() -> None:
+    conn = codec_in("options")
+    length = 1 << 20
+    conn.receive_data(option_header(7, length))
+    piece = b"\x44" * (64 << 10)
+    for _ in range(length // len(piece)):
+        assert conn.next_event() is None
+        conn.receive_data(piece)
+        assert conn.pending_bytes == 0  # skipped, never buffered
+    assert snapshot(next_event(conn)) == ("option", 7, b"", "oversize")
 
 
 @pytest.mark.parametrize(
@@ -341,9 +363,16 @@ def test_write_of_exactly_max_payload_is_delivered() -> None:
     assert feed_whole(conn, request(1, 0, 1000, data=payload)) == [write_event(0, payload)]
 
 
-def test_oversize_write_event_comes_before_its_payload() -> None:
+def test_oversize_write_event_comes_after_its_payload() -> None:
+    """An error reply sent while the client is still sending the payload makes
+    libnbd declare the connection dead: the event waits for the last byte."""
     conn = codec_in("transmission")
-    conn.receive_data(request_header(1, 0, MAX_PAYLOAD + 1, cookie=5))
+    length = MAX_PAYLOAD + 1
+    conn.receive_data(request_header(1, 0, length, cookie=5))
+    assert conn.next_event() is None
+    conn.receive_data(bytes(length - 1))
+    assert conn.next_event() is None
+    conn.receive_data(b"\x00")
     event = next_event(conn)
     assert isinstance(event, Request)
     assert event.oversize
@@ -355,23 +384,27 @@ def test_oversize_write_payload_is_never_buffered() -> None:
     conn = codec_in("transmission")
     length = MAX_PAYLOAD + 1
     conn.receive_data(request_header(1, 0, length, cookie=5))
-    assert next_event(conn) is not None
     piece = b"\xee" * (64 << 10)
     tracemalloc.start()
     try:
         left = length
         while left:
+            assert conn.next_event() is None
             n = min(left, len(piece))
             conn.receive_data(piece[:n] if n < len(piece) else piece)
-            assert conn.next_event() is None
             assert conn.pending_bytes == 0
             left -= n
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 4 * MiB
+    assert snapshot(next_event(conn)) == ("request", 0, 1, 5, 0, length, None, True)
     conn.receive_data(request(3, cookie=6))
     assert snapshot(next_event(conn)) == req_event(3, cookie=6)
+
+
+def test_absurd_write_length_is_a_protocol_error() -> None:
+    assert_error_at_last_byte("transmission", request_header(1, 0, 2**32 - 1))
 
 
 # -- builders ----------------------------------------------------------------------

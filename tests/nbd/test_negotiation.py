@@ -215,11 +215,30 @@ def test_structured_reply_with_data_is_invalid(neg: Negotiator) -> None:
     assert not neg.structured
 
 
-@pytest.mark.parametrize("option", [LIST_META, SET_META])
-def test_meta_context_before_structured_is_invalid(neg: Negotiator, option: int) -> None:
-    out = neg.handle(option, meta_context_request("second", ("base:allocation",)))
+def test_set_meta_context_before_structured_is_invalid(neg: Negotiator) -> None:
+    out = neg.handle(SET_META, meta_context_request("second", ("base:allocation",)))
     assert types(out) == [ERR_INVALID]
     assert not neg.base_allocation
+
+
+def test_list_meta_context_before_structured_lists(neg: Negotiator) -> None:
+    """As nbdkit and qemu-nbd do: listing selects nothing, so it needs no structured replies."""
+    out = neg.handle(LIST_META, meta_context_request("second", ("base:allocation",)))
+    assert contexts(out) == ["base:allocation"]
+    assert not neg.base_allocation
+
+
+@pytest.mark.parametrize("option", [6, 7, LIST_META, SET_META, 0xBEEF])
+def test_oversize_option_is_too_big_and_negotiation_goes_on(neg: Negotiator, option: int) -> None:
+    out = neg.handle(option, b"", oversize=True)
+    assert types(out) == [0x80000009]  # NBD_REP_ERR_TOO_BIG
+    assert not out.close
+    assert out.lun is None
+
+
+def test_oversize_export_name_hangs_up(neg: Negotiator) -> None:
+    out = neg.handle(1, b"", oversize=True)
+    assert (out.replies, out.close) == ([], True)
 
 
 def contexts(out: Outcome) -> list[str]:

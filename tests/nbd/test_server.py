@@ -27,6 +27,7 @@ from tests.support.nbdclient import (
     NbdClient,
     Reply,
     info_request,
+    meta_context_request,
     option_header,
     request_header,
 )
@@ -135,6 +136,28 @@ def test_export_name_with_zero_padding(served: Served) -> None:
         assert export.size == RO
         assert export.flags & c.TF_READ_ONLY
         assert client.read(0, 512).data == bytes(512)
+
+
+@pytest.mark.parametrize("option", [c.OPT_INFO, c.OPT_LIST_META_CONTEXT, 0xBEEF])
+def test_option_data_over_64k_is_too_big_and_negotiation_goes_on(
+    served: Served, option: int
+) -> None:
+    with NbdClient.connect(served.tcp) as client:
+        client.handshake()
+        client.structured_reply()
+        [reply] = client.option(option, b"\x01" * (64 * KiB + 1))
+        assert reply.type == c.REP_ERR_TOO_BIG
+        assert client.go("disk").size == DISK
+        assert_in_sync(client)
+
+
+def test_list_meta_context_before_structured_replies(served: Served) -> None:
+    with NbdClient.connect(served.tcp) as client:
+        client.handshake()
+        replies = client.option(c.OPT_LIST_META_CONTEXT, meta_context_request("disk", ()))
+        assert [r.type for r in replies] == [c.REP_META_CONTEXT, c.REP_ACK]
+        assert replies[0].data[4:] == b"base:allocation"
+        assert client.go("disk").size == DISK
 
 
 def test_export_name_of_unknown_export_hangs_up(served: Served) -> None:
@@ -264,6 +287,14 @@ def test_out_of_range_write_zeroes_is_enospc(served: Served, offset: int, length
         assert_in_sync(client)
 
 
+@pytest.mark.parametrize(("offset", "length"), [(DISK, 1), (DISK - 512, 1024), (2**63, 4096)])
+def test_out_of_range_trim_is_einval(served: Served, offset: int, length: int) -> None:
+    """proto.md: EINVAL for a read or trim past the end (ENOSPC is for writes)."""
+    with served.client() as client:
+        assert client.request(c.CMD_TRIM, offset, length).error == EINVAL
+        assert_in_sync(client)
+
+
 def test_read_only_lun_refuses_every_write(served: Served) -> None:
     with served.client("ro") as client:
         assert client.write(0, pattern(1, 4096)) == EPERM
@@ -323,6 +354,29 @@ def test_oversize_write_is_refused_and_the_stream_stays_in_sync(served: Served) 
         assert reply.error in (EINVAL, c.ENOMEM, c.EOVERFLOW)
         assert client.read(0, 64 * KiB).data == bytes(64 * KiB)
         assert_in_sync(client)
+
+
+def test_oversize_write_reply_waits_for_the_whole_payload(served: Served) -> None:
+    """A reply that arrives while the client is still sending the payload makes
+    libnbd declare the connection dead: nothing may come before the last byte."""
+    payload = b"\x77" * (32 * MiB + 4096)
+    with served.client() as client:
+        header = request_header(c.CMD_WRITE, 0, len(payload), cookie=77)
+        client.send(header + payload[:-1])
+        client.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            client.sock.recv(1)  # the server owes nothing yet
+        client.sock.settimeout(client.timeout)
+        client.send(payload[-1:])
+        reply = client.read_reply()
+        assert (reply.cookie, reply.error) == (77, EINVAL)
+        assert_in_sync(client)
+
+
+def test_absurd_write_length_closes_the_connection(served: Served) -> None:
+    with served.client() as client:
+        client.send(request_header(c.CMD_WRITE, 0, 2**32 - 1) + bytes(4096))
+        assert client.drain_to_eof() == b""
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])

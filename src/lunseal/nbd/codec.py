@@ -57,6 +57,8 @@ class ClientFlags:
 class OptionRequest:
     option: int
     data: bytes
+    #: Data longer than the codec accepts: it was skipped, not buffered.
+    oversize: bool = False
 
 
 @dataclass(slots=True)
@@ -82,7 +84,10 @@ class ServerCodec:
         self._buf = bytearray(_INITIAL_BUFFER)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
-        self._skip = 0  # payload bytes of an oversize WRITE still to discard
+        self._skip = 0  # payload bytes of an oversize WRITE or option still to discard
+        #: The oversize message being skipped: reported only once its payload is gone,
+        #: since a reply sent before the client finished sending it confuses clients.
+        self._skipped: OptionRequest | Request | None = None
 
     # -- input ----------------------------------------------------------------
 
@@ -155,6 +160,9 @@ class ServerCodec:
             self._discard_skipped()
             if self._skip:
                 return None
+        if self._skipped is not None:
+            event, self._skipped = self._skipped, None
+            return event
         if self.phase == TRANSMISSION:
             return self._next_request()
         if self.phase == OPTIONS:
@@ -184,16 +192,38 @@ class ServerCodec:
         if magic != c.IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#x}")
         if length > c.MAX_OPTION_DATA:
-            raise ProtocolError(f"option {option} carries {length} bytes, over the limit")
+            return self._skip_option(option, length)
         total = _OPTION_HEADER.size + length
         if self._end - self._start < total:
             return None
-        self.options_seen += 1
-        if self.options_seen > c.MAX_OPTIONS:
-            raise ProtocolError("too many options in negotiation")
+        self._count_option()
         data = bytes(self._buf[self._start + _OPTION_HEADER.size : self._start + total])
         self._start += total
         return OptionRequest(option, data)
+
+    def _count_option(self) -> None:
+        self.options_seen += 1
+        if self.options_seen > c.MAX_OPTIONS:
+            raise ProtocolError("too many options in negotiation")
+
+    def _skip_option(self, option: int, length: int) -> OptionRequest | None:
+        # Too big to be legitimate, yet small enough to skip: discard it and
+        # let the negotiator refuse it, so the client can carry on.
+        if length > c.MAX_OPTION_SKIP:
+            raise ProtocolError(f"option {option} carries {length} bytes, over the limit")
+        self._count_option()
+        return self._start_skip(_OPTION_HEADER.size, length, OptionRequest(option, b"", True))
+
+    def _start_skip(
+        self, header: int, length: int, event: OptionRequest | Request
+    ) -> OptionRequest | Request | None:
+        self._start += header
+        self._skip = length
+        self._discard_skipped()
+        if self._skip:
+            self._skipped = event
+            return None
+        return event
 
     def _next_request(self) -> Request | None:
         start = self._start
@@ -206,11 +236,14 @@ class ServerCodec:
             self._start = start + REQUEST_SIZE
             return Request(flags, kind, cookie, offset, length)
         if length > self.max_payload:
-            # Keep the stream in sync without buffering the payload.
-            self._start = start + REQUEST_SIZE
-            self._skip = length
-            self._discard_skipped()
-            return Request(flags, kind, cookie, offset, length, None, True)
+            # Keep the stream in sync without buffering the payload; the
+            # error reply waits until the whole payload has been read.
+            if length > c.MAX_WRITE_SKIP:
+                raise ProtocolError(f"write of {length} bytes is far over the limit")
+            req = Request(flags, kind, cookie, offset, length, None, True)
+            event = self._start_skip(REQUEST_SIZE, length, req)
+            assert event is None or isinstance(event, Request)
+            return event
         end = start + REQUEST_SIZE + length
         if self._end < end:
             if len(self._buf) - start < REQUEST_SIZE + length:

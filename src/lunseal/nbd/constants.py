@@ -139,6 +139,10 @@ MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 << 20  # the largest READ/WRITE served; clients' own caps are 32-64 MiB
 MAX_STRING = 4096  # export names, queries, error messages
-MAX_OPTION_DATA = 64 << 10  # larger option payloads are never legitimate: disconnect
+MAX_OPTION_DATA = 64 << 10  # larger option payloads are skipped and refused (ERR_TOO_BIG)
+MAX_OPTION_SKIP = 16 << 20  # ... up to this; beyond it the client is hung up on
+#: Oversize WRITE payloads up to this are read and discarded (the protocol asks
+#: servers to tolerate up to 32 MiB); beyond it the connection is closed.
+MAX_WRITE_SKIP = 64 << 20
 MAX_OPTIONS = 256  # per connection, against clients that never leave negotiation
 MAX_EXTENTS = 1 << 20

@@ -38,7 +38,9 @@ class Negotiator:
     meta_export: str | None = None
     meta_contexts: dict[int, str] = field(default_factory=dict)
 
-    def handle(self, option: int, data: bytes) -> Outcome:
+    def handle(self, option: int, data: bytes, *, oversize: bool = False) -> Outcome:
+        if oversize:
+            return self._too_big(option)
         handler = _HANDLERS.get(option)
         if handler is None:
             return Outcome([codec.option_error(option, c.REP_ERR_UNSUP, "unsupported option")])
@@ -48,6 +50,14 @@ class Negotiator:
             if option == c.OPT_EXPORT_NAME:
                 return Outcome([], close=True)  # no error reply exists for it: hang up
             return Outcome([codec.option_error(option, c.REP_ERR_INVALID, str(exc))])
+
+    def _too_big(self, option: int) -> Outcome:
+        if option == c.OPT_EXPORT_NAME:
+            return Outcome([], close=True)  # no error reply exists for it: hang up
+        if option == c.OPT_SET_META_CONTEXT:
+            self.meta_export, self.meta_contexts = None, {}  # SET replaces even when it fails
+        message = f"option data over {c.MAX_OPTION_DATA} bytes"
+        return Outcome([codec.option_error(option, c.REP_ERR_TOO_BIG, message)])
 
     @property
     def base_allocation(self) -> bool:
@@ -114,7 +124,9 @@ class Negotiator:
         if option == c.OPT_SET_META_CONTEXT:
             # SET replaces the selection even when it fails.
             self.meta_export, self.meta_contexts = None, {}
-        if not self.structured:
+        if option == c.OPT_SET_META_CONTEXT and not self.structured:
+            # LIST is allowed before structured replies (as nbdkit and qemu-nbd do);
+            # SET is not: the contexts could never be used.
             return Outcome(
                 [
                     codec.option_error(

@@ -163,7 +163,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if isinstance(event, ClientFlags):
             self.negotiator.no_zeroes = event.no_zeroes
             return
-        outcome = self.negotiator.handle(event.option, event.data)
+        outcome = self.negotiator.handle(event.option, event.data, oversize=event.oversize)
         out.extend(outcome.replies)
         if outcome.close:
             self.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from lunseal.engine.backend import Extent, FileSlice
 from lunseal.engine.lun import Lun
-from lunseal.errors import LunsealError
+from lunseal.errors import LunsealError, NoSpace
 from lunseal.nbd import codec
 from lunseal.nbd import constants as c
 from lunseal.nbd.codec import Request
@@ -140,7 +140,12 @@ class Transmission:
         out.append(codec.simple_reply(req.cookie))
 
     def _trim(self, req: Request, out: Buffers) -> None:
-        self.lun.trim(req.offset, req.length, fua=bool(req.flags & c.CMD_FLAG_FUA))
+        try:
+            self.lun.trim(req.offset, req.length, fua=bool(req.flags & c.CMD_FLAG_FUA))
+        except NoSpace as exc:
+            # The engine says ENOSPC for any write-like range past the end; the
+            # protocol wants ENOSPC for WRITE/WRITE_ZEROES but EINVAL for TRIM.
+            raise RequestError(c.EINVAL, exc.message) from None
         out.append(codec.simple_reply(req.cookie))
 
     def _cache(self, req: Request, out: Buffers) -> None:
