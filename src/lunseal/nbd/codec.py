@@ -212,18 +212,18 @@ class ServerCodec:
         if length > c.MAX_OPTION_SKIP:
             raise ProtocolError(f"option {option} carries {length} bytes, over the limit")
         self._count_option()
-        return self._start_skip(_OPTION_HEADER.size, length, OptionRequest(option, b"", True))
+        event = OptionRequest(option, b"", True)
+        return event if self._start_skip(_OPTION_HEADER.size, length, event) else None
 
-    def _start_skip(
-        self, header: int, length: int, event: OptionRequest | Request
-    ) -> OptionRequest | Request | None:
+    def _start_skip(self, header: int, length: int, event: OptionRequest | Request) -> bool:
+        """Skip a message's data; True if it is gone already, else ``event`` waits for it."""
         self._start += header
         self._skip = length
         self._discard_skipped()
         if self._skip:
             self._skipped = event
-            return None
-        return event
+            return False
+        return True
 
     def _next_request(self) -> Request | None:
         start = self._start
@@ -241,9 +241,7 @@ class ServerCodec:
             if length > c.MAX_WRITE_SKIP:
                 raise ProtocolError(f"write of {length} bytes is far over the limit")
             req = Request(flags, kind, cookie, offset, length, None, True)
-            event = self._start_skip(REQUEST_SIZE, length, req)
-            assert event is None or isinstance(event, Request)
-            return event
+            return req if self._start_skip(REQUEST_SIZE, length, req) else None
         end = start + REQUEST_SIZE + length
         if self._end < end:
             if len(self._buf) - start < REQUEST_SIZE + length:
