@@ -27,7 +27,7 @@ from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.array import CATALOG_FILE, Array
 from lunseal.fsutil import atomic_write_json
 from lunseal.home import Home
-from lunseal.nbd.server import NbdServer
+from lunseal.nbd.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, NbdServer
 
 log = logging.getLogger("lunseal.daemon")
 
@@ -46,6 +46,8 @@ class DaemonConfig:
     demo_lun: bool = True
     #: Seconds without changes after which a LUN's state is recorded as clean.
     clean_after: float = 2.0
+    nbd_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    nbd_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -81,7 +83,11 @@ async def _run_servers(cfg: DaemonConfig, home: Home, array: Array, token: str) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    nbd = NbdServer(array)
+    nbd = NbdServer(
+        array,
+        max_connections=cfg.nbd_max_connections,
+        handshake_timeout=cfg.nbd_handshake_timeout,
+    )
     await nbd.listen_tcp(cfg.nbd_host, cfg.nbd_port)
     if cfg.unix_socket:
         await nbd.listen_unix(home.nbd_socket)

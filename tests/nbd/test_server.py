@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -661,3 +662,210 @@ def test_daemon_survives_every_misbehaving_client(daemon: Daemon) -> None:
             assert newcomer.read(3 * MiB, 8 * KiB).data == pattern(3, 8 * KiB)
     with daemon.client() as api:
         assert [lun.name for lun in api.list_luns()] == ["demo"]
+
+
+# -- resource bounds ---------------------------------------------------------------------
+
+BIG_READ = 32 * MiB
+GREEDY_READS = 40  # 1.25 GiB of replies if they were all buffered
+
+
+def rss(pid: int | None = None) -> int:
+    status = Path(f"/proc/{pid or 'self'}/status").read_text()
+    [line] = [ln for ln in status.splitlines() if ln.startswith("VmRSS:")]
+    return int(line.split()[1]) * KiB
+
+
+def greedy_client(address: Address, export: str) -> NbdClient:
+    """A client with a small receive buffer that will pipeline reads and not read replies."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    sock.settimeout(30)
+    sock.connect(address)
+    client = NbdClient(sock, timeout=30)
+    client.connect_export(export)  # simple replies: every read is one file slice
+    return client
+
+
+def send_greedy_reads(client: NbdClient) -> None:
+    requests = [
+        client.pack_request(c.CMD_READ, 0, BIG_READ, cookie=i + 1)[1] for i in range(GREEDY_READS)
+    ]
+    client.send(b"".join(requests))
+
+
+def wait_until_stable(sample: Callable[[], object], polls: int = 400) -> None:
+    """Until ``sample`` gives the same value 10 polls in a row (at most ``polls`` polls)."""
+    last, same = None, 0
+    for _ in range(polls):
+        value = sample()
+        same = same + 1 if value == last else 0
+        if same >= 10:
+            return
+        last = value
+        time.sleep(0.05)
+    raise AssertionError(f"still changing after {polls} polls: {last}")
+
+
+def check_greedy_replies(client: NbdClient, head: bytes) -> None:
+    """Every reply, in full and correct: nothing was lost while the server held back.
+    (The LUN holds ``head`` at 0 and zeroes up to BIG_READ.)"""
+    for i in range(GREEDY_READS):
+        reply = client.read_reply()
+        assert (reply.cookie, reply.error) == (i + 1, 0)
+        assert len(reply.data) == BIG_READ
+        assert reply.data[: len(head)] == head
+        assert reply.data[len(head) :].count(0) == BIG_READ - len(head)
+
+
+def test_pipelined_reads_never_read_keep_memory_bounded(served: Served) -> None:
+    head = pattern(1, MiB)
+    with served.client(unix=True) as bystander:
+        assert bystander.write(0, head) == 0
+        with greedy_client(served.tcp, "disk") as greedy:
+            served.wait_connections(2)
+            before = rss()
+            send_greedy_reads(greedy)
+            [conn] = served.call(lambda: [x for x in served.server.connections if x.peer != "unix"])
+            wait_until_stable(rss)
+            grown = rss() - before
+            # Meanwhile the other client is served as usual.
+            assert_in_sync(bystander)
+            assert grown < 128 * MiB, f"the server grew by {grown >> 20} MiB"
+            queued, peak, in_transport = served.call(
+                lambda: (
+                    conn.queued_bytes,
+                    conn.peak_queued,
+                    conn.transport.get_write_buffer_size(),
+                )
+            )
+            assert in_transport <= 16 * MiB
+            # The server's own accounting: at most one reply past the cap.
+            assert 0 < queued <= peak <= 16 * MiB + 33 * MiB
+            check_greedy_replies(greedy, head)
+            assert_in_sync(greedy)
+
+
+def test_handshake_timeout_closes_a_stalled_client(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.call(lambda: setattr(served.server, "handshake_timeout", 0.3))
+    with served.client() as early:  # negotiated in time: stays
+        with NbdClient.connect(served.tcp) as stalled:
+            stalled.read_greeting()
+            assert stalled.drain_to_eof(timeout=20) == b""
+        with NbdClient.connect(served.unix) as half:
+            half.handshake()
+            half.send(option_header(c.OPT_GO, 100))  # ...and never the data
+            assert half.drain_to_eof(timeout=20) == b""
+        assert_in_sync(early)
+    assert sum("did not finish negotiating" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_connection_cap_refuses_newcomers_and_keeps_the_rest(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.call(lambda: setattr(served.server, "max_connections", 3))
+    clients = [served.client(), served.client(unix=True), served.client()]
+    try:
+        for i in range(20):
+            with NbdClient.connect(served.unix if i % 2 else served.tcp) as extra:
+                assert extra.drain_to_eof(timeout=20) == b""  # not even a greeting
+        for client in clients:
+            assert_in_sync(client)
+        refused = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refused) == 1, "refusals are logged at most once per period"
+        assert "limit (--max-connections) is 3" in refused[0].getMessage()
+        clients.pop().close()
+        served.wait_connections(2)
+        with served.client() as newcomer:
+            assert_in_sync(newcomer)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_connection_cap_is_lowered_to_fit_the_open_file_limit(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        server = NbdServer(served.server.array, max_connections=10_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert server.max_connections <= 300 - 100
+    assert any("limit lowered" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.daemon
+def test_daemon_memory_stays_bounded_under_greedy_reads(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    with NbdClient.connect(daemon.socket) as bystander:
+        bystander.connect_export("demo")
+        head = pattern(3, 64 * KiB)
+        assert bystander.write(0, head) == 0
+        with greedy_client(daemon.socket, "demo") as greedy:
+            assert greedy.read(0, 4096).error == 0
+            before = rss(pid)
+            send_greedy_reads(greedy)
+            wait_until_stable(lambda: rss(pid))
+            grown = rss(pid) - before
+            assert bystander.write(BIG_READ, head) == 0  # served meanwhile
+            assert bystander.read(BIG_READ, 64 * KiB).data == head
+            assert grown < 128 * MiB, f"the daemon grew by {grown >> 20} MiB"
+            check_greedy_replies(greedy, head)
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.daemon
+def test_daemon_handshake_timeout_option(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "home", extra_args=["--handshake-timeout", "0.5"]).start()
+    try:
+        with NbdClient.connect(daemon.socket) as stalled:
+            stalled.read_greeting()
+            assert stalled.drain_to_eof(timeout=20) == b""
+        assert "did not finish negotiating within 0.5s" in daemon.log()
+    finally:
+        daemon.kill()
+
+
+@pytest.mark.daemon
+def test_daemon_out_of_descriptors_says_so_and_recovers(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "home").start()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 3, hard))
+        clients = []
+        try:
+            for _ in range(12):
+                clients.append(NbdClient.connect(daemon.socket))
+            deadline = time.monotonic() + 30
+            while "cannot accept NBD connections" not in daemon.log():
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        # The listener survived: new clients and the API are served again.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with NbdClient.connect(daemon.socket) as client:
+                    client.connect_export("demo")
+                    assert client.read(0, 4096).error == 0
+                break
+            except (EOFError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with daemon.client() as api:
+            assert [lun.name for lun in api.list_luns()] == ["demo"]
+        assert daemon.log().count("cannot accept NBD connections") <= 3
+    finally:
+        daemon.kill()

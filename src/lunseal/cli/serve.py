@@ -20,6 +20,12 @@ def serve(
     api_listen: str = typer.Option("127.0.0.1", help="address of the management API"),
     api_port: int = typer.Option(10810, help="management API port (0 picks a free one)"),
     demo: bool = typer.Option(True, help="create a 1G LUN 'demo' in a new data directory"),
+    max_connections: int = typer.Option(
+        256, help="NBD connections served at once; more are refused with a log line"
+    ),
+    handshake_timeout: float = typer.Option(
+        10.0, help="seconds an NBD client may take to negotiate before it is dropped"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     log_file: Path | None = typer.Option(None, help="also append logs to this file"),
     clean_after: float = typer.Option(
@@ -35,6 +41,10 @@ def serve(
 
     if clean_after <= 0:
         raise typer.BadParameter("must be positive", param_hint="--clean-after")
+    if max_connections < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--max-connections")
+    if handshake_timeout <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--handshake-timeout")
     configure_logging(log_level, log_file)
     home = resolve_home(ctx.obj.home if ctx.obj else None)
     code = run(
@@ -47,6 +57,8 @@ def serve(
             api_port=api_port,
             demo_lun=demo,
             clean_after=clean_after,
+            nbd_max_connections=max_connections,
+            nbd_handshake_timeout=handshake_timeout,
         )
     )
     raise typer.Exit(code)

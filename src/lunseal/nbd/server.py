@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import socket
+import time
+from collections import deque
 from pathlib import Path
 from typing import cast
 
@@ -34,7 +38,22 @@ log = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 8 << 20
 WRITE_LOW_WATER = 2 << 20
+#: Unsent reply bytes (transport buffer plus pending pieces, file slices
+#: included) above which a connection processes no further requests.
+REPLY_QUEUE_CAP = 16 << 20
+#: A file slice that cannot go zero-copy is copied this much at a time.
+COPY_CHUNK = 1 << 20
 SOCKET_BUFFER = 4 << 20
+#: Connections served at once (both listeners together); more are refused at once.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Seconds a client may take from connecting to entering transmission.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Descriptors kept out of the NBD connection budget (API, LUN files, catalog, logs).
+FD_RESERVE = 128
+LISTEN_BACKLOG = 128
+ACCEPT_BATCH = 32
+#: Pause before accepting again after running out of descriptors.
+ACCEPT_RETRY_DELAY = 0.5
 #: Read replies at least this long are sent with sendfile instead of pread+write.
 ZERO_COPY_MIN = 64 << 10
 
@@ -49,21 +68,33 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._out: Buffers = []
+        #: Reply pieces not handed to the transport yet: file slices stay slices
+        #: (no memory) until the socket can take them.
+        self._pending: deque[bytes | memoryview | FileSlice] = deque()
+        self._pending_bytes = 0
+        #: The most reply bytes this connection ever had queued (for tests and stats).
+        self.peak_queued = 0
         self._write_paused = False
+        self._reading_paused = False
         self._closing = False
         self._sock_fd = -1
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         _enlarge_socket_buffers(transport)
         sock = transport.get_extra_info("socket")
         self._sock_fd = sock.fileno() if sock is not None else -1
-        self.peer = str(transport.get_extra_info("peername") or "unix")
         self.server.connections.add(self)
+        timeout = self.server.handshake_timeout
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._handshake_timer = loop.call_later(timeout, self._handshake_expired)
         self.transport.write(self.codec.greeting())
         log.debug("NBD connection from %s", self.peer)
 
@@ -79,6 +110,8 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._cancel_handshake_timer()
+        self._drop_pending()
         self.server.connections.discard(self)
         if self.lun is not None:
             self.lun.users.discard(self)
@@ -88,69 +121,145 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self.transport is not None and not self._closing:
-            self.transport.resume_reading()
+        if not self._pump_safely():
+            return
+        if not self._closing and not self._backlogged():
+            self._resume_reading()
             self._process()  # complete requests may be waiting in the buffer
 
     # -- processing -------------------------------------------------------------
 
+    @property
+    def queued_bytes(self) -> int:
+        """Reply bytes not sent yet: in the transport plus pending (file slices too)."""
+        buffered = self.transport.get_write_buffer_size() if self.transport else 0
+        return buffered + self._pending_bytes
+
+    def _backlogged(self) -> bool:
+        return self._write_paused or self.queued_bytes > REPLY_QUEUE_CAP
+
     def _process(self) -> None:
         out = self._out
         try:
-            while not self._write_paused and not self._closing:
+            while not self._closing and not self._backlogged():
                 event = self.codec.next_event()
                 if event is None:
                     break
                 if isinstance(event, Request):
                     self._request(event, out)
+                    big = event.length >= ZERO_COPY_MIN
                 else:
                     self._negotiate(event, out)
-                # Send early so queued replies stay bounded by the high water mark.
-                if len(out) > 64:
+                    big = False
+                # Hand replies over early so what is queued stays bounded.
+                if big or len(out) > 64:
                     self._send(out)
             self._send(out)
         except ProtocolError as exc:
             log.warning("NBD client %s: %s; closing the connection", self.peer, exc.message)
             self.close()
+            return
         except OSError as exc:
-            # A reply whose header is out cannot be turned into an error any more.
-            log.error("NBD client %s: sending a reply failed: %s; dropping", self.peer, exc)
-            out.clear()
-            if self.transport is not None:
-                self.transport.abort()
+            self._send_failed(exc)
+            return
+        if not self._closing and self._backlogged():
+            # Stop reading requests until the client takes its replies.
+            self._pause_reading()
 
     def _send(self, out: Buffers) -> None:
-        """Send queued reply pieces in order; large file slices go zero-copy."""
+        """Queue reply pieces in order and send what the socket takes."""
+        for piece in out:
+            self._pending.append(piece)
+            self._pending_bytes += piece.length if isinstance(piece, FileSlice) else len(piece)
+        out.clear()
+        self.peak_queued = max(self.peak_queued, self.queued_bytes)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move pending pieces into the transport until it asks us to pause.
+
+        The transport's own buffer is bounded by its high water mark (plus one
+        copied chunk); the rest waits here, file slices unread."""
         transport = self.transport
-        if not out or transport is None:
-            out.clear()
+        if transport is None:
             return
         batch: list[bytes | memoryview] = []
-        for piece in out:
+        pending = self._pending
+        while pending and not self._write_paused:
+            piece = pending[0]
             if not isinstance(piece, FileSlice):
                 batch.append(piece)
-            elif piece.length < ZERO_COPY_MIN:
+                self._pending_bytes -= len(piece)
+                pending.popleft()
+                continue
+            if piece.length < ZERO_COPY_MIN:
                 batch.append(_pread_full(piece, 0))
-            else:
-                transport.writelines(batch)
+                self._pending_bytes -= piece.length
+                pending.popleft()
+                continue
+            if batch:
+                transport.writelines(batch)  # may pause us: re-check before the slice
                 batch = []
-                self._send_file(transport, piece)
-        transport.writelines(batch)
-        out.clear()
+                continue
+            done = self._send_file_part(transport, piece)
+            self._pending_bytes -= done
+            if done == piece.length:
+                pending.popleft()
+            else:
+                pending[0] = FileSlice(piece.fd, piece.offset + done, piece.length - done)
+        if batch:
+            transport.writelines(batch)
+        if self._closing and not pending and not transport.is_closing():
+            transport.close()
 
-    def _send_file(self, transport: asyncio.Transport, piece: FileSlice) -> None:
+    def _pump_safely(self) -> bool:
+        try:
+            self._pump()
+        except OSError as exc:
+            self._send_failed(exc)
+            return False
+        return True
+
+    def _send_file_part(self, transport: asyncio.Transport, piece: FileSlice) -> int:
+        """Send the start of ``piece``; returns how many of its bytes are gone."""
         # sendfile writes to the socket behind the transport's back, which keeps
         # the byte order only while the transport has nothing queued.
         sent = 0
         if self._sock_fd >= 0 and transport.get_write_buffer_size() == 0:
             sent = _sendfile_some(self._sock_fd, piece)
-        if sent < piece.length:
-            transport.write(_pread_full(piece, sent))
+            if sent == piece.length:
+                return sent
+        # The socket is full (or sendfile is unavailable): copy one bounded chunk
+        # so the transport can finish it when the socket drains.
+        n = min(piece.length - sent, COPY_CHUNK)
+        transport.write(_pread_range(piece, sent, n))
+        return sent + n
+
+    def _send_failed(self, exc: OSError) -> None:
+        # A reply whose header is out cannot be turned into an error any more.
+        log.error("NBD client %s: sending a reply failed: %s; dropping", self.peer, exc)
+        self._out.clear()
+        self._drop_pending()
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _request(self, req: Request, out: Buffers) -> None:
         if req.type == c.CMD_DISC:
@@ -172,6 +281,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _start_transmission(self, lun: Lun) -> None:
         self.codec.start_transmission()
+        self._cancel_handshake_timer()
         self.lun = lun
         lun.users.add(self)
         self.transmission = Transmission(
@@ -180,6 +290,24 @@ class NbdConnection(asyncio.BufferedProtocol):
             base_allocation=self.negotiator.base_allocation,
         )
         log.info("NBD client %s attached to LUN %s", self.peer, lun.name)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self._closing or self.transmission is not None:
+            return
+        log.warning(
+            "NBD client %s did not finish negotiating within %gs; closing the connection",
+            self.peer,
+            self.server.handshake_timeout,
+        )
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     # -- control ----------------------------------------------------------------
 
@@ -190,11 +318,17 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = True
         self.codec.close()
         if self.transport is not None:
-            self._send(self._out)
-            self.transport.close()
+            self._resume_reading()  # so the client's EOF or reset is noticed
+            out, self._out = self._out, []
+            try:
+                self._send(out)  # closes the transport once everything is out
+            except OSError as exc:
+                self._send_failed(exc)
 
     def revoke(self, reason: str) -> None:
         log.warning("closing NBD connection from %s: %s", self.peer, reason)
+        # Pending file slices refer to the LUN's file, which is about to go away.
+        self._drop_pending()
         self.close()
 
 
@@ -215,7 +349,10 @@ def _sendfile_some(sock_fd: int, piece: FileSlice) -> int:
 
 
 def _pread_full(piece: FileSlice, skip: int) -> bytes:
-    length = piece.length - skip
+    return _pread_range(piece, skip, piece.length - skip)
+
+
+def _pread_range(piece: FileSlice, skip: int, length: int) -> bytes:
     data = os.pread(piece.fd, length, piece.offset + skip)
     return data if len(data) == length else data + bytes(length - len(data))
 
@@ -231,11 +368,43 @@ def _enlarge_socket_buffers(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
+class _Throttled:
+    """A log line at most once per ``period`` seconds, counting what it held back."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self._next = 0.0
+        self._held = 0
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message += f" ({self._held} more like this since the last report)"
+        self._held = 0
+        self._next = now + self.period
+        log.log(level, message, *args)
+
+
 class NbdServer:
-    def __init__(self, array: Array) -> None:
+    def __init__(
+        self,
+        array: Array,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
         self.array = array
         self.connections: set[NbdConnection] = set()
-        self._servers: list[asyncio.Server] = []
+        self.max_connections = _fd_bounded(max_connections)
+        self.handshake_timeout = handshake_timeout
+        self._listeners: list[socket.socket] = []
+        self._attaching = 0
+        self._spare_fd = _open_spare_fd()
+        self._refused_log = _Throttled()
+        self._fd_log = _Throttled()
         self.tcp_address: tuple[str, int] | None = None
         self.unix_path: Path | None = None
 
@@ -246,27 +415,128 @@ class NbdServer:
         return NbdConnection(self)
 
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._factory, host, port, reuse_address=True)
-        self._servers.append(server)
-        sockname = server.sockets[0].getsockname()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        self._listen(sock)
+        sockname = sock.getsockname()
         self.tcp_address = (str(sockname[0]), int(sockname[1]))
         return self.tcp_address
 
     async def listen_unix(self, path: Path) -> Path:
-        loop = asyncio.get_running_loop()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket of a daemon that died
-        server = await loop.create_unix_server(self._factory, str(path))
-        os.chmod(path, 0o600)
-        self._servers.append(server)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        self._listen(sock)
         self.unix_path = path
         return path
 
+    # -- accepting --------------------------------------------------------------
+    #
+    # Our own accept loop rather than loop.create_server: uvloop answers
+    # running out of file descriptors by silently dropping clients (or by
+    # closing the listener for good), and the connection cap is cheapest
+    # before a transport exists.
+
+    def _listen(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._accept_failed(sock, exc)
+                return
+            if self._full():
+                self._refuse(conn)
+                continue
+            conn.setblocking(False)
+            self._attaching += 1
+            asyncio.get_running_loop().create_task(self._attach(conn))
+
+    def _full(self) -> bool:
+        return len(self.connections) + self._attaching >= self.max_connections
+
+    def _refuse(self, conn: socket.socket) -> None:
+        peer = _peer_name(conn)
+        conn.close()
+        self._refused_log.log(
+            logging.WARNING,
+            "NBD connection from %s refused: %d connections open, the limit "
+            "(--max-connections) is %d",
+            peer,
+            len(self.connections) + self._attaching,
+            self.max_connections,
+        )
+
+    async def _attach(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._factory, conn)
+        except OSError as exc:
+            log.warning("NBD connection from %s failed to start: %s", _peer_name(conn), exc)
+            conn.close()
+        finally:
+            self._attaching -= 1
+
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            log.error("accepting an NBD connection failed: %s", exc)
+            return
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._fd_log.log(
+            logging.ERROR,
+            "cannot accept NBD connections: %s (open file limit %d, %d NBD connections); "
+            "refusing new clients until some disconnect",
+            exc.strerror,
+            soft,
+            len(self.connections),
+        )
+        self._shed_one(sock)
+        # Stop polling the listener for a moment instead of spinning on it.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting, sock)
+
+    def _shed_one(self, sock: socket.socket) -> None:
+        """Accept and close one waiting client with the spare descriptor, so it
+        learns at once that it was refused instead of hanging in the backlog."""
+        if self._spare_fd < 0:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        with contextlib.suppress(OSError):
+            conn, _addr = sock.accept()
+            conn.close()
+        self._spare_fd = _open_spare_fd()
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if sock in self._listeners:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+            self._accept(sock)
+
+    def _stop_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+
     async def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, let every connection send its queued replies, close."""
-        for server in self._servers:
-            server.close()
+        self._stop_listening()
         for conn in list(self.connections):
             conn.close()
         waits = [conn.closed for conn in self.connections]
@@ -275,7 +545,41 @@ class NbdServer:
             for conn in list(self.connections):
                 if conn.transport is not None and pending:
                     conn.transport.abort()
-        for server in self._servers:
-            await server.wait_closed()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
         if self.unix_path is not None:
             self.unix_path.unlink(missing_ok=True)
+
+
+def _open_spare_fd() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _peer_name(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername() or "unix")
+    except OSError:
+        return "?"
+
+
+def _fd_bounded(wanted: int) -> int:
+    """``wanted``, lowered so NBD clients cannot take the descriptors the API,
+    the LUN files and the catalog need."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    budget = max(1, soft - FD_RESERVE) if soft > 2 * FD_RESERVE else max(1, soft // 2)
+    if wanted > budget:
+        log.warning(
+            "NBD connection limit lowered from %d to %d: the open file limit is %d "
+            "(raise it with ulimit -n)",
+            wanted,
+            budget,
+            soft,
+        )
+        return budget
+    return wanted
