@@ -484,7 +484,11 @@ class NbdServer:
 
     async def _attach(self, conn: socket.socket) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self._factory, conn)
+            _transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                self._factory, conn
+            )
+            if not self._listeners:
+                protocol.close()  # the server closed while this one was being set up
         except OSError as exc:
             log.warning("NBD connection from %s failed to start: %s", _peer_name(conn), exc)
             conn.close()
