@@ -869,3 +869,38 @@ def test_daemon_out_of_descriptors_says_so_and_recovers(tmp_path: Path) -> None:
         assert daemon.log().count("cannot accept NBD connections") <= 3
     finally:
         daemon.kill()
+
+
+@pytest.mark.daemon
+def test_daemon_says_when_the_api_cannot_accept(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "home").start()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    host, port = daemon.api_url.removeprefix("http://").rsplit(":", 1)
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 3, hard))
+        clients = []
+        try:
+            for _ in range(12):  # idle HTTP connections: the API holds each one open
+                clients.append(socket.create_connection((host, int(port)), timeout=10))
+            deadline = time.monotonic() + 30
+            while "out of file descriptors" not in daemon.log():
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.05)
+        finally:
+            for sock in clients:
+                sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with daemon.client() as api:
+                    assert [lun.name for lun in api.list_luns()] == ["demo"]
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        daemon.kill()

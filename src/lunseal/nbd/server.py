@@ -52,6 +52,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 FD_RESERVE = 128
 LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 32
+#: Seconds between checks that the process can still open a descriptor.
+FD_WATCH_INTERVAL = 1.0
 #: Pause before accepting again after running out of descriptors.
 ACCEPT_RETRY_DELAY = 0.5
 #: Read replies at least this long are sent with sendfile instead of pread+write.
@@ -403,6 +405,7 @@ class NbdServer:
         self._listeners: list[socket.socket] = []
         self._attaching = 0
         self._spare_fd = _open_spare_fd()
+        self._fd_watch: asyncio.Task[None] | None = None
         self._refused_log = _Throttled()
         self._fd_log = _Throttled()
         self.tcp_address: tuple[str, int] | None = None
@@ -447,7 +450,31 @@ class NbdServer:
     def _listen(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._listeners.append(sock)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.fileno(), self._accept, sock)
+        if self._fd_watch is None:
+            self._fd_watch = loop.create_task(self._watch_descriptors())
+
+    async def _watch_descriptors(self) -> None:
+        """Say so when the process runs out of descriptors.
+
+        The API (uvicorn on uvloop) drops clients silently in that state; a
+        probe once a second is the cheapest way to give it a log line too."""
+        while True:
+            await asyncio.sleep(FD_WATCH_INTERVAL)
+            try:
+                os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    continue  # not what this watch is about
+                self._fd_log.log(
+                    logging.ERROR,
+                    "the process is out of file descriptors (%s, open file limit %d, "
+                    "%d NBD connections): the API and NBD cannot accept new clients",
+                    exc.strerror,
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    len(self.connections),
+                )
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -532,6 +559,9 @@ class NbdServer:
             self._accept(sock)
 
     def _stop_listening(self) -> None:
+        if self._fd_watch is not None:
+            self._fd_watch.cancel()
+            self._fd_watch = None
         loop = asyncio.get_running_loop()
         for sock in self._listeners:
             loop.remove_reader(sock.fileno())
