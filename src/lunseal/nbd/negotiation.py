@@ -58,7 +58,7 @@ class Negotiator:
     def _export_name(self, option: int, data: bytes) -> Outcome:
         name = codec.parse_export_name(data)
         lun = self.resolve(name)
-        if lun is None:
+        if lun is None or not lun.available:
             # The protocol has no error reply for EXPORT_NAME: hang up.
             return Outcome([], close=True)
         self._keep_contexts_for(name)
@@ -85,10 +85,8 @@ class Negotiator:
     def _info_or_go(self, option: int, data: bytes) -> Outcome:
         name, wanted = codec.parse_info_request(data)
         lun = self.resolve(name)
-        if lun is None:
-            return Outcome(
-                [codec.option_error(option, c.REP_ERR_UNKNOWN, f"no export named {name!r}")]
-            )
+        if lun is None or not lun.available:
+            return Outcome([_unknown_export(option, name, lun)])
         flags = transmission_flags(lun, structured=self.structured)
         infos = [codec.info_export(lun.size, flags)]
         if c.INFO_NAME in wanted:
@@ -123,10 +121,9 @@ class Negotiator:
                 ]
             )
         name, queries = codec.parse_meta_context_request(data)
-        if self.resolve(name) is None:
-            return Outcome(
-                [codec.option_error(option, c.REP_ERR_UNKNOWN, f"no export named {name!r}")]
-            )
+        lun = self.resolve(name)
+        if lun is None or not lun.available:
+            return Outcome([_unknown_export(option, name, lun)])
         if option == c.OPT_LIST_META_CONTEXT:
             # No queries lists everything; "base:" is the namespace wildcard.
             chosen = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
@@ -162,8 +159,18 @@ _HANDLERS: dict[int, Callable[[Negotiator, int, bytes], Outcome]] = {
 }
 
 
+def _unknown_export(option: int, name: str, lun: Lun | None) -> bytes:
+    """ERR_UNKNOWN for a missing export, or one whose LUN cannot serve (with why)."""
+    if lun is None:
+        message = f"no export named {name!r}"
+    else:
+        message = f"export {lun.name!r} is unavailable: {lun.unavailable}"
+    return codec.option_error(option, c.REP_ERR_UNKNOWN, message)
+
+
 def describe(lun: Lun) -> str:
-    return f"lunseal LUN {lun.record.number} ({lun.record.uuid})"
+    text = f"lunseal LUN {lun.record.number} ({lun.record.uuid})"
+    return text if lun.available else f"{text}, unavailable"
 
 
 def transmission_flags(lun: Lun, *, structured: bool) -> int:
