@@ -137,9 +137,7 @@ def test_files_inside_the_own_data_directory_are_refused(array: Array, name: str
     assert array.find("evil") is None
 
 
-def test_a_new_file_is_never_created_inside_a_data_directory(
-    array: Array, tmp_path: Path
-) -> None:
+def test_a_new_file_is_never_created_inside_a_data_directory(array: Array, tmp_path: Path) -> None:
     (array.data_dir / "sub").mkdir()
     with pytest.raises(InvalidArgument, match="inside the lunseal data directory"):
         array.create_lun("evil", MiB, path=array.data_dir / "sub" / "new.img")
@@ -169,7 +167,8 @@ def test_a_second_array_cannot_use_a_file_in_use(
     with pytest.raises(Conflict) as refused:
         second.create_lun("theirs", None, path=files / "shared.img")
     message = refused.value.message
-    assert str(array.data_dir) in message and f"pid {os.getpid()}" in message
+    assert str(array.data_dir) in message
+    assert f"pid {os.getpid()}" in message
     assert "LUN mine" in message
     assert second.find("theirs") is None
     # Once the first array lets go, the second may use it.
@@ -301,7 +300,7 @@ def test_two_records_on_one_file_leave_the_second_unavailable(
     assert "same file as the backing file of LUN a" in arr.lun("b").unavailable
 
 
-# -- re-point ---------------------------------------------------------------------------------------
+# -- re-point ----------------------------------------------------------------------------
 
 
 def test_repoint_changes_the_state_token(opened: Opened, array: Array, files: Path) -> None:
@@ -316,7 +315,8 @@ def test_repoint_changes_the_state_token(opened: Opened, array: Array, files: Pa
     with pytest.raises(LunUnavailable):
         arr.tracker("ext").check(before)
     lun = arr.repoint_lun("ext", files / "copy.img")
-    assert lun.available and lun.record.path == str(files / "copy.img")
+    assert lun.available
+    assert lun.record.path == str(files / "copy.img")
     tracker = arr.tracker("ext")
     result = tracker.check(before)
     assert not result.intact
