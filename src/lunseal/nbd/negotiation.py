@@ -73,9 +73,12 @@ class Negotiator:
     def _list(self, option: int, data: bytes) -> Outcome:
         if data:
             raise codec.OptionDataError("LIST takes no data")
+        # Unavailable LUNs are left out: clients such as ``nbdinfo --list`` open
+        # every export listed and give up on the whole list when one refuses.
         replies = [
             codec.option_reply(option, c.REP_SERVER, codec.server_entry(lun.name, describe(lun)))
             for lun in self.list_exports()
+            if lun.available
         ]
         return Outcome([*replies, codec.option_reply(option, c.REP_ACK)])
 
@@ -169,8 +172,7 @@ def _unknown_export(option: int, name: str, lun: Lun | None) -> bytes:
 
 
 def describe(lun: Lun) -> str:
-    text = f"lunseal LUN {lun.record.number} ({lun.record.uuid})"
-    return text if lun.available else f"{text}, unavailable"
+    return f"lunseal LUN {lun.record.number} ({lun.record.uuid})"
 
 
 def transmission_flags(lun: Lun, *, structured: bool) -> int:
