@@ -365,3 +365,39 @@ def test_repoint_refuses_the_data_directory(array: Array) -> None:
     array.create_lun("a", MiB)
     with pytest.raises(InvalidArgument, match="inside the lunseal data directory"):
         array.repoint_lun("a", array.data_dir / CATALOG_FILE)
+
+
+# -- a moved or copied data directory -------------------------------------------------------
+
+
+def test_a_moved_data_directory_serves_its_own_files(opened: Opened, tmp_path: Path) -> None:
+    arr = opened.open(tmp_path / "old")
+    arr.create_lun("a", MiB).write(0, b"data")
+    _, token = arr.tracker("a").acquire("b")
+    opened.close(arr)
+    (tmp_path / "old").rename(tmp_path / "new")
+
+    moved = opened.open(tmp_path / "new")
+    lun = moved.lun("a")
+    assert lun.available
+    assert lun.record.path == str(tmp_path / "new" / LUN_DIR / Path(lun.record.path).name)
+    assert lun.read(0, 4) == b"data"
+    assert moved.tracker("a").check(token).intact  # the same file, untouched (C3)
+
+
+def test_a_copied_data_directory_never_writes_the_originals_files(
+    opened: Opened, tmp_path: Path
+) -> None:
+    original = opened.open(tmp_path / "original")
+    original.create_lun("a", MiB).write(0, b"orig")
+    _, token = original.tracker("a").acquire("b")
+    opened.close(original)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+
+    copy = opened.open(tmp_path / "copy")
+    copy.lun("a").write(0, b"COPY")
+    assert not copy.tracker("a").check(token).intact
+    opened.close(copy)
+    original = opened.open(tmp_path / "original")
+    assert original.lun("a").read(0, 4) == b"orig"
+    assert original.tracker("a").check(token).intact

@@ -99,6 +99,10 @@ class Array:
                 backend_stub = UnavailableBackend(rec.name, rec.size, exc.message)
                 self._luns[rec.name] = Lun(rec, backend_stub, unavailable=exc.message)
                 continue
+            if str(backend.path) != rec.path:
+                log.warning("LUN %s: the data directory moved; now %s", rec.name, backend.path)
+                rec = rec.with_changes(path=str(backend.path))
+                self.catalog.update_lun_backing(rec)
             if backend.size != rec.size:
                 log.warning(
                     "LUN %s: backing file %s is %d bytes, catalog says %d; serving %d",
@@ -126,8 +130,11 @@ class Array:
     def _open_recorded(self, rec: LunRecord) -> FileBackend:
         """Open a catalogued LUN's file with the checks a new one gets."""
         path = Path(rec.path)
-        if path == self._own_file(rec.uuid):
-            return self._open_checked(path, rec.name, None)
+        own = self._own_file(rec.uuid)
+        if rec.owned and path.name == own.name and path.parent.name == LUN_DIR:
+            # A file the array created lives in *its* luns/, also after the data
+            # directory was moved or copied: a copy never serves the original's file.
+            return self._open_checked(own, rec.name, None)
         placement = place(path)
         if placement.identity is None:
             raise BackendError(f"backing file {path} does not exist")
