@@ -401,3 +401,21 @@ def test_a_copied_data_directory_never_writes_the_originals_files(
     original = opened.open(tmp_path / "original")
     assert original.lun("a").read(0, 4) == b"orig"
     assert original.tracker("a").check(token).intact
+
+
+def test_a_mirror_with_an_unavailable_leg_does_not_stop_the_array(
+    opened: Opened, array: Array, files: Path
+) -> None:
+    source = array.create_lun("src", MiB)
+    target = array.create_lun("dst", None, path=disk(files / "dst.img"))
+    array.mirrors.create(source, target)
+    opened.close(array)
+    (files / "dst.img").unlink()
+
+    arr = opened.open(array.data_dir)
+    assert not arr.lun("dst").available
+    assert arr.mirrors.all() == []  # dropped: a leg that cannot be read cannot be in sync
+    arr.lun("src").write(0, b"still writable")
+    assert arr.lun("src").read(0, 14) == b"still writable"
+    with pytest.raises(LunUnavailable):
+        arr.tracker("dst")

@@ -78,8 +78,15 @@ def test_a_missing_backing_file_makes_only_its_lun_unavailable(
     assert refused.returncode != 0
     assert "export 'ext' is unavailable: backing file" in refused.stderr, refused.stderr
     assert exports(d) == {"good"}
-    with d.client() as api, pytest.raises(LunUnavailable, match="LUN ext is unavailable"):
-        api.token("ext")
+    with d.client() as api:
+        for call in (
+            lambda: api.token("ext"),
+            lambda: api.acquire_hold("ext", "another"),
+            lambda: api.grow_lun("ext", 2 * SIZE),
+            lambda: api.create_mirror("good", "ext"),
+        ):
+            with pytest.raises(LunUnavailable, match="LUN ext is unavailable"):
+                call()
     shown = d.cli("lun", "show", "ext")
     assert "NO: backing file" in shown.stdout, shown
 
