@@ -420,6 +420,8 @@ class Array:
 
     def _swap_backing(self, lun: Lun, backend: FileBackend) -> None:
         old_path = lun.record.path
+        if lun.available:
+            lun.flush()  # what was written to the old file stays there, durably
         self._release_backing(lun)
         lun.backend = backend
         lun.unavailable = ""
