@@ -16,7 +16,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
-from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunUpdate
+from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunRepoint, LunUpdate
 from lunseal.api.state_models import (
     ChangesInfo,
     CheckOutcome,
@@ -106,6 +106,11 @@ class ArrayClient:
     def grow_lun(self, name: str, size: str | int) -> LunInfo:
         body = LunGrow(size=size).model_dump()
         response = self._call("POST", f"/v1/luns/{_quote(name)}/grow", json=body)
+        return LunInfo.model_validate(response.json())
+
+    def repoint_lun(self, name: str, path: str) -> LunInfo:
+        body = LunRepoint(path=path).model_dump()
+        response = self._call("POST", f"/v1/luns/{_quote(name)}/repoint", json=body)
         return LunInfo.model_validate(response.json())
 
     def update_lun(self, name: str, *, read_only: bool | None = None) -> LunInfo:

@@ -10,6 +10,7 @@ data on the classes, so each front end maps errors in exactly one place::
     |   +-- NoSpace            write beyond the end of a LUN          (400, ENOSPC)
     +-- NotFound               no such LUN                            (404)
     +-- Conflict               name/number taken, LUN in use          (409)
+    |   +-- LunUnavailable     the LUN's backing file cannot be used  (409)
     +-- ReadOnly               write to a read-only LUN               (403, EPERM)
     +-- NotSupported           operation the backend cannot do        (400, ENOTSUP)
     +-- BackendError           the storage failed                     (500, EIO)
@@ -64,6 +65,12 @@ class Conflict(LunsealError):
     http_status = 409
     exit_code = 4
     code = "conflict"
+
+
+class LunUnavailable(Conflict):
+    """The LUN is listed but cannot serve: its backing file is missing, locked or refused."""
+
+    code = "lun_unavailable"
 
 
 class ReadOnly(LunsealError):
@@ -136,6 +143,7 @@ ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
         NoSpace,
         NotFound,
         Conflict,
+        LunUnavailable,
         ReadOnly,
         NotSupported,
         BackendError,

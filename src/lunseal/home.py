@@ -8,6 +8,8 @@ Layout::
     HOME/daemon.json      where the running daemon listens (removed at clean stop)
     HOME/nbd.sock         NBD Unix socket
     HOME/lock             flock'ed by the daemon that owns the directory
+    HOME/.lunseal-data-dir  marker: no file below HOME may back another LUN
+                          (written by the array, see lunseal.engine.backing)
 """
 
 from __future__ import annotations

@@ -386,3 +386,49 @@ def test_go_reply_never_has_zero_padding(neg: Negotiator) -> None:
     out = neg.handle(GO, info_request("second"))
     assert all(r.data == b"" for r in replies(out) if r.type == ACK)
     assert sum(len(raw) for raw in out.replies) == sum(20 + len(r.data) for r in replies(out))
+
+
+# -- unavailable LUNs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def unavailable(tmp_path: Path) -> Iterator[Array]:
+    """'gone' lost its backing file while the array was down; 'here' is fine."""
+    disk = tmp_path / "gone.img"
+    disk.write_bytes(bytes(MiB))
+    arr = Array.open(tmp_path / "home")
+    arr.create_lun("gone", None, number=0, path=disk)
+    arr.create_lun("here", MiB, number=1)
+    arr.close()
+    disk.unlink()
+    arr = Array.open(tmp_path / "home")
+    try:
+        yield arr
+    finally:
+        arr.close()
+
+
+@pytest.mark.parametrize("option", [OPT_INFO, GO])
+@pytest.mark.parametrize("name", ["gone", ""])
+def test_an_unavailable_export_is_refused_with_the_reason(
+    unavailable: Array, option: int, name: str
+) -> None:
+    neg = Negotiator(resolve=NbdServer(unavailable).resolve, list_exports=unavailable.luns)
+    outcome = neg.handle(option, info_request(name))
+    [reply] = replies(outcome)
+    assert reply.type == ERR_UNKNOWN
+    assert "export 'gone' is unavailable: backing file" in reply.text
+    assert outcome.lun is None
+    assert neg.handle(GO, info_request("here")).lun is unavailable.lun("here")
+
+
+def test_an_unavailable_export_is_neither_listed_nor_opened(unavailable: Array) -> None:
+    neg = Negotiator(resolve=NbdServer(unavailable).resolve, list_exports=unavailable.luns)
+    listed = [r for r in replies(neg.handle(LIST, b"")) if r.type == SERVER]
+    assert len(listed) == 1
+    assert b"here" in listed[0].data
+    assert neg.handle(EXPORT_NAME, b"gone") == Outcome([], close=True)
+    enter_structured(neg)
+    for option in (LIST_META, SET_META):
+        outcome = neg.handle(option, meta_context_request("gone", ("base:allocation",)))
+        assert types(outcome) == [ERR_UNKNOWN]

@@ -30,6 +30,7 @@ from lunseal.api.models import (
     LunCreate,
     LunGrow,
     LunInfo,
+    LunRepoint,
     LunStatsModel,
     LunUpdate,
     NbdEndpoints,
@@ -149,6 +150,8 @@ def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:
             zeroes=s.zeroes,
             flushes=s.flushes,
         ),
+        available=lun.available,
+        unavailable_reason=lun.unavailable or None,
     )
 
 
@@ -200,6 +203,11 @@ def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
         if body.read_only is not None:
             lun = array.set_read_only(name, body.read_only)
         return lun_info(lun, nbd)
+
+    @app.post("/v1/luns/{name}/repoint", response_model=LunInfo, tags=["luns"])
+    async def repoint_lun(name: str, body: LunRepoint) -> LunInfo:
+        """Serve the LUN from another existing file of its size; its state token changes."""
+        return lun_info(array.repoint_lun(name, Path(body.path)), nbd)
 
     @app.post("/v1/luns/{name}/grow", response_model=LunInfo, tags=["luns"])
     async def grow_lun(name: str, body: LunGrow) -> LunInfo:

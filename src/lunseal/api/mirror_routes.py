@@ -40,6 +40,9 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         """Pair SOURCE with TARGET; the initial full copy runs in the background."""
         source = array.lun(body.source)
         target = array.find(body.target)
+        for lun in (source, target):
+            if lun is not None:
+                lun.require_available()
         created = False
         if target is None:
             if not body.create_target:

@@ -30,6 +30,13 @@ class LunUpdate(BaseModel):
     read_only: bool | None = None
 
 
+class LunRepoint(BaseModel):
+    path: str = Field(
+        description="absolute path of an existing regular file of the LUN's size, outside "
+        "any lunseal data directory and used by no other LUN"
+    )
+
+
 class LunStatsModel(BaseModel):
     reads: int
     writes: int
@@ -52,6 +59,12 @@ class LunInfo(BaseModel):
     connections: int = Field(description="NBD connections attached to this LUN")
     nbd_uris: list[str]
     stats: LunStatsModel
+    available: bool = Field(
+        default=True, description="false: the backing file cannot be used; see unavailable_reason"
+    )
+    unavailable_reason: str | None = Field(
+        default=None, description="why the LUN cannot serve (missing, refused or locked file)"
+    )
 
 
 class NbdEndpoints(BaseModel):

@@ -10,7 +10,7 @@ from lunseal.api.models import LunInfo
 from lunseal.cli.common import client, console, emit, table
 from lunseal.units import format_size
 
-app = typer.Typer(help="Create, list, show, grow and delete LUNs.", no_args_is_help=True)
+app = typer.Typer(help="Create, list, show, grow, re-point and delete LUNs.", no_args_is_help=True)
 
 
 @app.command("create")
@@ -51,6 +51,8 @@ def list_(ctx: typer.Context) -> None:
         t = table("#", "NAME", "SIZE", "MODE", "CONNS", "UUID")
         for lun in luns:
             mode = "ro" if lun.read_only else "rw"
+            if not lun.available:
+                mode = "unavailable"
             t.add_row(
                 str(lun.number),
                 lun.name,
@@ -60,6 +62,13 @@ def list_(ctx: typer.Context) -> None:
                 lun.uuid,
             )
         console.print(t)
+        for lun in luns:
+            if not lun.available:
+                console.print(
+                    f"LUN {lun.name} is unavailable: {lun.unavailable_reason} "
+                    f"(lunseal lun repoint {lun.name} --file PATH, or lunseal lun delete)",
+                    highlight=False,
+                )
 
     emit(ctx, luns, human)
 
@@ -80,6 +89,7 @@ def _print_details(info: LunInfo) -> None:
         ("uuid", info.uuid),
         ("size", f"{format_size(info.size)} ({info.size} bytes)"),
         ("mode", "read-only" if info.read_only else "read-write"),
+        ("available", "yes" if info.available else f"NO: {info.unavailable_reason}"),
         ("backend", f"{info.backend} {info.path}"),
         ("created", created),
         ("connections", str(info.connections)),
@@ -106,6 +116,25 @@ def grow(
     with client(ctx) as api:
         info = api.grow_lun(name, size)
     emit(ctx, info, lambda: console.print(f"LUN {info.name} is now {format_size(info.size)}"))
+
+
+@app.command("repoint")
+def repoint(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="LUN name"),
+    file: str = typer.Option(
+        ..., "--file", help="absolute path of an existing file of the LUN's size"
+    ),
+) -> None:
+    """Serve a LUN (typically an unavailable one) from another backing file.
+
+    The file must exist, have the LUN's size, be a regular file outside any
+    lunseal data directory and back no other LUN.  The LUN's state token
+    changes: tokens issued before never match again.
+    """
+    with client(ctx) as api:
+        info = api.repoint_lun(name, file)
+    emit(ctx, info, lambda: console.print(f"LUN {info.name} now uses {info.path}"))
 
 
 @app.command("set")

@@ -3,7 +3,13 @@
 Concurrency: all methods run on the daemon's event loop thread (the API's
 handlers are ``async`` and the NBD server calls in from the same loop), so the
 registry needs no locks.  The data directory is locked with ``flock`` so two
-daemons can never serve the same LUNs.
+daemons can never serve the same LUNs, and every backing file is locked while
+a LUN uses it (see :mod:`lunseal.engine.backing`).
+
+A LUN whose backing file cannot be used at start-up (missing, refused, locked
+elsewhere) is *unavailable*: it stays listed with the reason, refuses data and
+state operations, and can be deleted or re-pointed at another file; the other
+LUNs serve as usual.
 """
 
 from __future__ import annotations
@@ -15,24 +21,34 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
+from lunseal.engine import backing
+from lunseal.engine.backing import CATALOG_FILE, LUN_DIR, Holder, Identity, place
 from lunseal.engine.catalog import Catalog
 from lunseal.engine.file_backend import FileBackend
 from lunseal.engine.lun import (
     MAX_LUN_NUMBER,
     Lun,
     LunRecord,
+    UnavailableBackend,
     validate_name,
     validate_number,
     validate_size,
 )
 from lunseal.engine.mirrors import MirrorSet
 from lunseal.engine.state import LunState, StateTracker
-from lunseal.errors import BackendError, Conflict, DataDirLocked, InvalidArgument, NotFound
+from lunseal.errors import (
+    BackendError,
+    Conflict,
+    DataDirLocked,
+    InvalidArgument,
+    LunsealError,
+    NotFound,
+)
 
 log = logging.getLogger(__name__)
 
-CATALOG_FILE = "catalog.sqlite"
-LUN_DIR = "luns"
+__all__ = ["CATALOG_FILE", "LOCK_FILE", "LUN_DIR", "Array"]
+
 LOCK_FILE = "lock"
 
 
@@ -45,6 +61,9 @@ class Array:
         self._lock_fd = lock_fd
         self._luns: dict[str, Lun] = {}
         self._trackers: dict[str, StateTracker] = {}  # by LUN UUID
+        #: (st_dev, st_ino) of the backing file of every available LUN, by LUN UUID.
+        self._identities: dict[str, Identity] = {}
+        # Mirrors only ever see available LUNs: one with an unavailable leg is dropped.
         self.mirrors = MirrorSet(catalog.mirrors, self.lun_by_uuid)
         self.array_id = catalog.get_meta("array_id") or ""
         self.last_shutdown_clean = catalog.get_meta("clean_shutdown") != "0"
@@ -54,7 +73,9 @@ class Array:
         data_dir = data_dir.resolve()
         (data_dir / LUN_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = _lock_data_dir(data_dir)
+        array: Array | None = None
         try:
+            backing.mark_data_dir(data_dir)
             catalog = Catalog(data_dir / CATALOG_FILE)
             if catalog.get_meta("array_id") is None:
                 catalog.set_meta("array_id", str(uuidlib.uuid4()))
@@ -63,13 +84,25 @@ class Array:
             array.mirrors.load()
             catalog.set_meta("clean_shutdown", "0")
         except BaseException:
+            if array is not None:
+                array._close_backends()
             os.close(lock_fd)
             raise
         return array
 
     def _load(self) -> None:
         for rec in self.catalog.luns():
-            backend = FileBackend(Path(rec.path))
+            try:
+                backend = self._open_recorded(rec)
+            except LunsealError as exc:
+                log.error("LUN %s is unavailable: %s", rec.name, exc.message)
+                backend_stub = UnavailableBackend(rec.name, rec.size, exc.message)
+                self._luns[rec.name] = Lun(rec, backend_stub, unavailable=exc.message)
+                continue
+            if str(backend.path) != rec.path:
+                log.warning("LUN %s: the data directory moved; now %s", rec.name, backend.path)
+                rec = rec.with_changes(path=str(backend.path))
+                self.catalog.update_lun_backing(rec)
             if backend.size != rec.size:
                 log.warning(
                     "LUN %s: backing file %s is %d bytes, catalog says %d; serving %d",
@@ -81,6 +114,7 @@ class Array:
                 )
             lun = Lun(rec, backend)
             self._luns[rec.name] = lun
+            self._identities[rec.uuid] = backend.identity
             self._attach_tracker(lun)
 
     def _attach_tracker(self, lun: Lun) -> StateTracker:
@@ -93,11 +127,84 @@ class Array:
         self._trackers[uuid] = tracker
         return tracker
 
+    def _open_recorded(self, rec: LunRecord) -> FileBackend:
+        """Open a catalogued LUN's file with the checks a new one gets."""
+        path = Path(rec.path)
+        own = self._own_file(rec.uuid)
+        if rec.owned and path.name == own.name and path.parent.name == LUN_DIR:
+            # A file the array created lives in *its* luns/, also after the data
+            # directory was moved or copied: a copy never serves the original's file.
+            return self._open_checked(own, rec.name, None)
+        placement = place(path)
+        if placement.identity is None:
+            raise BackendError(f"backing file {path} does not exist")
+        return self._open_checked(placement.path, rec.name, placement.identity)
+
+    def _own_file(self, lun_uuid: str) -> Path:
+        return self.data_dir / LUN_DIR / f"{lun_uuid}.img"
+
+    def _open_checked(
+        self,
+        path: Path,
+        lun_name: str,
+        expect: Identity | None,
+        *,
+        create_size: int | None = None,
+    ) -> FileBackend:
+        """Open a backing file no other LUN uses and lock it for ``lun_name``."""
+        backend = FileBackend(path, create_size=create_size, expect=expect)
+        try:
+            if not backend.regular:
+                raise InvalidArgument(f"{path} is not a regular file")
+            self._check_unused(path, backend.identity)
+            if not backend.try_lock():
+                raise Conflict(
+                    f"backing file {path} is locked by "
+                    f"{backing.describe_holder(backend.identity)}; a file can back only one LUN"
+                )
+        except BaseException:
+            backend.close()
+            if create_size is not None:
+                path.unlink(missing_ok=True)
+            raise
+        backing.register(backend.identity, self._holder(lun_name))
+        return backend
+
+    def _check_unused(self, path: Path, identity: Identity) -> None:
+        for uuid, used in self._identities.items():
+            if used == identity:
+                other = self.lun_by_uuid(uuid)
+                name = other.name if other else uuid
+                where = other.record.path if other else "?"
+                raise Conflict(
+                    f"{path} is the same file as the backing file of LUN {name} ({where})"
+                )
+
+    def _holder(self, lun_name: str) -> Holder:
+        return Holder(str(self.data_dir), os.getpid(), lun_name)
+
+    def _release_backing(self, lun: Lun) -> None:
+        """Close the LUN's backing file (dropping its lock) and forget it."""
+        lun.backend.close()
+        identity = self._identities.pop(lun.record.uuid, None)
+        if identity is not None:
+            backing.unregister(identity, self._holder(lun.name))
+
+    def _close_backends(self) -> None:
+        for lun in self._luns.values():
+            self._release_backing(lun)
+
     def lun_by_uuid(self, uuid: str) -> Lun | None:
-        return next((lun for lun in self._luns.values() if lun.record.uuid == uuid), None)
+        """An *available* LUN by UUID (unavailable ones have no data to offer)."""
+        return next(
+            (lun for lun in self._luns.values() if lun.record.uuid == uuid and lun.available),
+            None,
+        )
 
     def tracker(self, name: str) -> StateTracker:
-        return self._trackers[self.lun(name).record.uuid]
+        lun = self.lun(name)
+        lun.require_available()
+        return self._trackers[lun.record.uuid]
 
     def checkpoint(self, idle: float) -> None:
         """Record the exact state of every LUN whose changes have been idle ``idle`` s."""
@@ -111,6 +218,8 @@ class Array:
     def close(self) -> None:
         """Flush every LUN, record a clean shutdown and release the data directory."""
         for lun in self._luns.values():
+            if not lun.available:
+                continue
             try:
                 lun.flush()
             except BackendError as exc:
@@ -123,8 +232,7 @@ class Array:
                 tracker.close()
             self.catalog.set_meta("clean_shutdown", "1")
         self._trackers.clear()
-        for lun in self._luns.values():
-            lun.backend.close()
+        self._close_backends()
         self._luns.clear()
         self.catalog.close()
         os.close(self._lock_fd)
@@ -163,7 +271,7 @@ class Array:
             raise Conflict(f"a LUN named {name!r} already exists")
         number = self._choose_number(number)
         lun_uuid = str(uuidlib.uuid4())
-        backend, owned = self._open_backing(lun_uuid, size, path)
+        backend, owned = self._open_backing(lun_uuid, name, size, path)
         rec = LunRecord(
             uuid=lun_uuid,
             name=name,
@@ -179,11 +287,13 @@ class Array:
             self.catalog.insert_lun(rec)
         except Exception:
             backend.close()
+            backing.unregister(backend.identity, self._holder(name))
             if owned:
                 backend.path.unlink(missing_ok=True)
             raise
         lun = Lun(rec, backend)
         self._luns[name] = lun
+        self._identities[lun_uuid] = backend.identity
         self._attach_tracker(lun)
         log.info("created LUN %s (number %d, %d bytes, %s)", name, number, rec.size, rec.path)
         return lun
@@ -201,37 +311,37 @@ class Array:
         return number
 
     def _open_backing(
-        self, lun_uuid: str, size: int | None, path: Path | None
+        self, lun_uuid: str, name: str, size: int | None, path: Path | None
     ) -> tuple[FileBackend, bool]:
         if path is None:
             if size is None:
                 raise InvalidArgument("a size is required unless an existing file is given")
-            target = self.data_dir / LUN_DIR / f"{lun_uuid}.img"
-            return FileBackend(target, create_size=validate_size(size)), True
-        if not path.is_absolute():
-            raise InvalidArgument(f"backing file path must be absolute: {path}")
-        if any(Path(lun.record.path) == path for lun in self._luns.values()):
-            raise Conflict(f"{path} already backs another LUN")
-        if path.exists():
-            if not path.is_file():
-                raise InvalidArgument(f"{path} is not a regular file")
-            backend = FileBackend(path)
-            try:
-                if size is not None and size != backend.size:
-                    raise InvalidArgument(
-                        f"{path} is {backend.size} bytes, not {size}; omit the size to use the file"
-                    )
-                validate_size(backend.size)
-            except InvalidArgument:
-                backend.close()
-                raise
-            return backend, False
-        if size is None:
-            raise InvalidArgument(f"{path} does not exist; give a size to create it")
-        return FileBackend(path, create_size=validate_size(size)), True
+            target = self._own_file(lun_uuid)
+            return self._open_checked(target, name, None, create_size=validate_size(size)), True
+        placement = place(path)
+        if placement.identity is None:
+            if size is None:
+                raise InvalidArgument(f"{path} does not exist; give a size to create it")
+            created = self._open_checked(
+                placement.path, name, None, create_size=validate_size(size)
+            )
+            return created, True
+        backend = self._open_checked(placement.path, name, placement.identity)
+        try:
+            if size is not None and size != backend.size:
+                raise InvalidArgument(
+                    f"{path} is {backend.size} bytes, not {size}; omit the size to use the file"
+                )
+            validate_size(backend.size)
+        except InvalidArgument:
+            backend.close()
+            backing.unregister(backend.identity, self._holder(name))
+            raise
+        return backend, False
 
     def grow_lun(self, name: str, size: int) -> Lun:
         lun = self.lun(name)
+        lun.require_available()
         if mirrors := self.mirrors.of_lun(lun):
             raise Conflict(
                 f"LUN {name} belongs to mirror {mirrors[0].name}; delete the mirror to resize"
@@ -268,10 +378,60 @@ class Array:
         self.catalog.states.delete_lun(lun.record.uuid)
         self._trackers.pop(lun.record.uuid, None)
         del self._luns[name]
-        lun.backend.close()
-        if lun.record.owned:
+        self._release_backing(lun)
+        if lun.record.owned and lun.available:
             Path(lun.record.path).unlink(missing_ok=True)
+        elif lun.record.owned:
+            # Never remove a file this array could not use: it may be in use elsewhere.
+            log.warning("LUN %s was unavailable; its file %s was left alone", name, lun.record.path)
         log.info("deleted LUN %s", name)
+
+    def repoint_lun(self, name: str, path: Path) -> Lun:
+        """Serve the LUN from another existing file of its size (data-changing, C1).
+
+        Meant for an unavailable LUN; an available one must have no connections
+        and belong to no mirror.  Its old file is kept.
+        """
+        lun = self.lun(name)
+        if lun.users:
+            raise Conflict(
+                f"LUN {name} is in use by {len(lun.users)} connection(s); disconnect them first"
+            )
+        if mirrors := self.mirrors.of_lun(lun):
+            raise Conflict(f"LUN {name} belongs to mirror {mirrors[0].name}; delete it first")
+        placement = place(path)
+        if placement.identity is None:
+            raise InvalidArgument(
+                f"{path} does not exist; re-point a LUN at an existing file of {lun.size} bytes"
+            )
+        if self._identities.get(lun.record.uuid) == placement.identity:
+            raise InvalidArgument(f"LUN {name} already uses {path}")
+        backend = self._open_checked(placement.path, name, placement.identity)
+        if backend.size != lun.size:
+            backend.close()
+            backing.unregister(backend.identity, self._holder(name))
+            raise InvalidArgument(
+                f"{path} is {backend.size} bytes but LUN {name} is {lun.size} bytes; "
+                "re-point it at a file of the same size"
+            )
+        self._swap_backing(lun, backend)
+        log.info("LUN %s re-pointed to %s", name, placement.path)
+        return lun
+
+    def _swap_backing(self, lun: Lun, backend: FileBackend) -> None:
+        old_path = lun.record.path
+        if lun.available:
+            lun.flush()  # what was written to the old file stays there, durably
+        self._release_backing(lun)
+        lun.backend = backend
+        lun.unavailable = ""
+        self._identities[lun.record.uuid] = backend.identity
+        tracker = self._trackers.get(lun.record.uuid) or self._attach_tracker(lun)
+        # The state changes (durably) before the catalog points at the new file:
+        # a crash in between reports "changed", never a false "intact".
+        tracker.repointed(f"the LUN was re-pointed from {old_path} to {backend.path}")
+        lun.record = lun.record.with_changes(path=str(backend.path), owned=False)
+        self.catalog.update_lun_backing(lun.record)
 
 
 def _lock_data_dir(data_dir: Path) -> int:

@@ -110,6 +110,13 @@ class Catalog:
             (rec.name, rec.number, rec.size, int(rec.read_only), rec.uuid),
         )
 
+    def update_lun_backing(self, rec: LunRecord) -> None:
+        """A LUN re-pointed at another backing file."""
+        self._db.execute(
+            "UPDATE luns SET path = ?, owned = ?, size = ? WHERE uuid = ?",
+            (rec.path, int(rec.owned), rec.size, rec.uuid),
+        )
+
     def delete_lun(self, uuid: str) -> None:
         self._db.execute("DELETE FROM luns WHERE uuid = ?", (uuid,))
 

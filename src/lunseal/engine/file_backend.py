@@ -10,11 +10,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
+import stat
+import struct
 from pathlib import Path
 
 from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp, merge_extents
-from lunseal.errors import BackendError, NotSupported
+from lunseal.errors import BackendError, Conflict, InvalidArgument, NotSupported
 
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -22,6 +25,12 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 _ZERO_CHUNK = 1 << 20
+
+# Open-file-description locks (Linux 3.15+): owned by the open file, not the
+# process, so closing another descriptor of the same file never drops them.
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (must be 0 for OFD locks).
+_FLOCK = "hhqqi4x"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -39,9 +48,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class FileBackend(Backend):
     kind = "file"
 
-    def __init__(self, path: Path, *, create_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        create_size: int | None = None,
+        expect: tuple[int, int] | None = None,
+    ) -> None:
+        """Open (or create) ``path``; never through a symlink, only a regular file.
+
+        ``expect``: the (st_dev, st_ino) the caller validated; a different file
+        found at open time (swapped in meanwhile) is refused.
+        """
         self.path = path
-        flags = os.O_RDWR | os.O_CLOEXEC
+        self._fd = -1
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             if create_size is not None:
                 self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
@@ -54,10 +75,32 @@ class FileBackend(Backend):
             else:
                 self._fd = os.open(path, flags)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidArgument(
+                    f"{path} is a symbolic link; give the path of the file itself"
+                ) from None
             raise BackendError.from_os_error(f"cannot open backing file {path}", exc) from exc
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self.identity = (st.st_dev, st.st_ino)
+        #: The array serves only regular files; tests use devices (/dev/full) for faults.
+        self.regular = stat.S_ISREG(st.st_mode)
+        if expect is not None and self.identity != expect:
+            self.close()
+            raise Conflict(f"{path} was replaced by another file while being opened; try again")
+        self._size = st.st_size
         self._can_punch = True
         self._can_zero_range = True
+
+    def try_lock(self) -> bool:
+        """Take an exclusive lock on the whole file; ``False`` if another open file has one."""
+        request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self._fd, F_OFD_SETLK, request)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise BackendError.from_os_error(f"cannot lock backing file {self.path}", exc) from exc
+        return True
 
     @property
     def size(self) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from lunseal.engine.backend import Backend, Extent, FileSlice
-from lunseal.errors import InvalidArgument, NoSpace, OutOfRange, ReadOnly
+from lunseal.errors import InvalidArgument, LunUnavailable, NoSpace, OutOfRange, ReadOnly
 
 NAME_MAX = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: "$" would accept "x\n"
@@ -94,6 +94,10 @@ class Lun:
     #: Why hosts may not write this LUN right now besides its read-only flag
     #: (e.g. it is the target of a synchronised mirror), by owner.
     write_guards: dict[str, str] = field(default_factory=dict)
+    #: Why the LUN cannot serve at all (backing file missing, locked elsewhere,
+    #: refused); empty while it is available.  Its backend is then an
+    #: :class:`UnavailableBackend`.
+    unavailable: str = ""
 
     @property
     def name(self) -> str:
@@ -107,6 +111,14 @@ class Lun:
     def read_only(self) -> bool:
         """Whether hosts may not write: the flag, or a guard such as a mirror's."""
         return self.record.read_only or bool(self.write_guards)
+
+    @property
+    def available(self) -> bool:
+        return not self.unavailable
+
+    def require_available(self) -> None:
+        if self.unavailable:
+            raise LunUnavailable(f"LUN {self.name} is unavailable: {self.unavailable}")
 
     # -- checks -------------------------------------------------------------
 
@@ -235,3 +247,48 @@ class Lun:
         for user in list(self.users):
             user.revoke(reason)
         self.users.clear()
+
+
+class UnavailableBackend(Backend):
+    """Stands in for the backing file of an unavailable LUN: every call is refused.
+
+    Front ends refuse such a LUN before touching data; this is the safety net
+    that keeps anything that slips past from reading or writing nothing silently.
+    """
+
+    kind = "file"
+
+    def __init__(self, lun_name: str, size: int, reason: str) -> None:
+        self._size = size
+        self._error = f"LUN {lun_name} is unavailable: {reason}"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _refuse(self) -> LunUnavailable:
+        return LunUnavailable(self._error)
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise self._refuse()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise self._refuse()
+
+    def flush(self) -> None:
+        raise self._refuse()
+
+    def trim(self, offset: int, length: int) -> None:
+        raise self._refuse()
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
+        raise self._refuse()
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        raise self._refuse()
+
+    def resize(self, size: int) -> None:
+        raise self._refuse()
+
+    def close(self) -> None:
+        pass

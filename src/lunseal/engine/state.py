@@ -326,3 +326,20 @@ class StateTracker:
         self.state.stamp = stamp
         self.state.clean = True
         self.store.save_state(self.state)
+
+    def repointed(self, reason: str) -> None:
+        """The LUN now reads another backing file: no earlier token may match (C1).
+
+        Called by the array after it swapped the backend; records the new
+        file's stamp, so a later start compares against the new file.
+        """
+        s = self.state
+        s.epoch += 1
+        s.epoch_reason = reason
+        s.flag = False
+        log.warning("LUN %s: new state epoch %d: %s", self.lun.name, s.epoch, reason)
+        for hold in self.holds.values():
+            if hold.changes is not None:
+                hold.changes.resize(self.lun.size)
+                hold.changes.mark_all()
+        self._record_clean(self.lun.backend.stamp())

@@ -68,7 +68,7 @@ class Negotiator:
     def _export_name(self, option: int, data: bytes) -> Outcome:
         name = codec.parse_export_name(data)
         lun = self.resolve(name)
-        if lun is None:
+        if lun is None or not lun.available:
             # The protocol has no error reply for EXPORT_NAME: hang up.
             return Outcome([], close=True)
         self._keep_contexts_for(name)
@@ -83,9 +83,12 @@ class Negotiator:
     def _list(self, option: int, data: bytes) -> Outcome:
         if data:
             raise codec.OptionDataError("LIST takes no data")
+        # Unavailable LUNs are left out: clients such as ``nbdinfo --list`` open
+        # every export listed and give up on the whole list when one refuses.
         replies = [
             codec.option_reply(option, c.REP_SERVER, codec.server_entry(lun.name, describe(lun)))
             for lun in self.list_exports()
+            if lun.available
         ]
         return Outcome([*replies, codec.option_reply(option, c.REP_ACK)])
 
@@ -95,10 +98,8 @@ class Negotiator:
     def _info_or_go(self, option: int, data: bytes) -> Outcome:
         name, wanted = codec.parse_info_request(data)
         lun = self.resolve(name)
-        if lun is None:
-            return Outcome(
-                [codec.option_error(option, c.REP_ERR_UNKNOWN, f"no export named {name!r}")]
-            )
+        if lun is None or not lun.available:
+            return Outcome([_unknown_export(option, name, lun)])
         flags = transmission_flags(lun, structured=self.structured)
         infos = [codec.info_export(lun.size, flags)]
         if c.INFO_NAME in wanted:
@@ -135,10 +136,9 @@ class Negotiator:
                 ]
             )
         name, queries = codec.parse_meta_context_request(data)
-        if self.resolve(name) is None:
-            return Outcome(
-                [codec.option_error(option, c.REP_ERR_UNKNOWN, f"no export named {name!r}")]
-            )
+        lun = self.resolve(name)
+        if lun is None or not lun.available:
+            return Outcome([_unknown_export(option, name, lun)])
         if option == c.OPT_LIST_META_CONTEXT:
             # No queries lists everything; "base:" is the namespace wildcard.
             chosen = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
@@ -172,6 +172,15 @@ _HANDLERS: dict[int, Callable[[Negotiator, int, bytes], Outcome]] = {
     c.OPT_LIST_META_CONTEXT: Negotiator._meta_context,
     c.OPT_SET_META_CONTEXT: Negotiator._meta_context,
 }
+
+
+def _unknown_export(option: int, name: str, lun: Lun | None) -> bytes:
+    """ERR_UNKNOWN for a missing export, or one whose LUN cannot serve (with why)."""
+    if lun is None:
+        message = f"no export named {name!r}"
+    else:
+        message = f"export {lun.name!r} is unavailable: {lun.unavailable}"
+    return codec.option_error(option, c.REP_ERR_UNKNOWN, message)
 
 
 def describe(lun: Lun) -> str:
