@@ -15,10 +15,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def serve(
     ctx: typer.Context,
     nbd_listen: str = typer.Option("127.0.0.1", help="address of the NBD TCP listener"),
-    nbd_port: int = typer.Option(10809, help="NBD TCP port (0 picks a free one)"),
+    nbd_port: int = typer.Option(10809, min=0, max=65535, help="NBD TCP port (0 picks a free one)"),
     unix_socket: bool = typer.Option(True, help="also serve NBD on HOME/nbd.sock"),
     api_listen: str = typer.Option("127.0.0.1", help="address of the management API"),
-    api_port: int = typer.Option(10810, help="management API port (0 picks a free one)"),
+    api_port: int = typer.Option(
+        10810, min=0, max=65535, help="management API port (0 picks a free one)"
+    ),
     demo: bool = typer.Option(True, help="create a 1G LUN 'demo' in a new data directory"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     log_file: Path | None = typer.Option(None, help="also append logs to this file"),

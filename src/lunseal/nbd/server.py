@@ -253,6 +253,15 @@ class NbdServer:
         self.tcp_address = (str(sockname[0]), int(sockname[1]))
         return self.tcp_address
 
+    async def listen_tcp_socket(self, sock: socket.socket) -> tuple[str, int]:
+        """Serve on a socket the caller bound: the daemon binds before it creates
+        its data directory, so a busy port fails before anything is written."""
+        server = await asyncio.get_running_loop().create_server(self._factory, sock=sock)
+        self._servers.append(server)
+        sockname = sock.getsockname()
+        self.tcp_address = (str(sockname[0]), int(sockname[1]))
+        return self.tcp_address
+
     async def listen_unix(self, path: Path) -> Path:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(FileNotFoundError):
