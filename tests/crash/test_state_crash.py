@@ -31,6 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,16 @@ STEP_TIMEOUT = 60.0
 
 def start_daemon(home: Path, clean_after: float = CLEAN_AFTER) -> Daemon:
     return Daemon(home, extra_args=["--clean-after", str(clean_after), "--no-demo"]).start()
+
+
+def token_of(api: ArrayClient, lun: str) -> str:
+    token = api.token(lun).token
+    assert token is not None, f"tracking is off on {lun}"
+    return token
+
+
+def moved(api: ArrayClient, lun: str, since: str) -> bool:
+    return token_of(api, lun) != since
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float = STEP_TIMEOUT) -> None:
@@ -233,7 +244,7 @@ def one_round(
     quiet = names[len(busy) : len(busy) + rng.randint(1, 2)]
     untouched = [n for n in names if n not in busy and n not in quiet]
     pending: list[Pending] = []
-    pre = {name: api.token(name).token for name in names}
+    pre = {name: token_of(api, name) for name in names}
 
     for name in busy:
         writers.fio(
@@ -251,36 +262,36 @@ def one_round(
             ]
         )
         qemu_io(daemon, name, command)
-        after = api.token(name).token
+        after = token_of(api, name)
         # C2, live: a token read after the write was acknowledged reflects it.
         assert after != pre[name], (name, command)
         pending.append(Pending(name, pre[name], "must-change", f"{name} before {command}"))
     quiet_done = time.monotonic()
-    idle_tokens = {name: api.token(name).token for name in quiet}
+    idle_tokens = {name: token_of(api, name) for name in quiet}
     if round_no % 2 == 0:
         # Half the rounds kill only once the quiet LUNs are recorded clean, so the
         # number of idle tokens tested does not depend on the machine's speed.
         for name in quiet:
-            wait_until(f"{name} recorded clean", lambda n=name: catalog.recorded_clean(n))
+            wait_until(f"{name} recorded clean", partial(catalog.recorded_clean, name))
 
     for name in busy:
-        wait_until(f"fio writing to {name}", lambda n=name: api.token(n).token != pre[n])
+        wait_until(f"fio writing to {name}", partial(moved, api, name, pre[name]))
         pending.append(Pending(name, pre[name], "must-change", f"{name} before fio"))
 
     # Until the kill: busy LUNs' tokens at random moments; a later differing read
     # proves a write was accepted after the earlier one.
     kill_at = quiet_done + rng.uniform(0.05, 1.2)
-    last = {name: api.token(name).token for name in busy}
+    last = {name: token_of(api, name) for name in busy}
     while time.monotonic() < kill_at:
         time.sleep(min(rng.uniform(0.0, 0.15), max(0.0, kill_at - time.monotonic())))
         for name in busy:
-            now = api.token(name).token
+            now = token_of(api, name)
             if now != last[name]:
                 pending.append(Pending(name, last[name], "must-change", f"{name} mid-write"))
                 last[name] = now
     for name in quiet:
         # Stable while idle (C3, live), in every mode.
-        assert api.token(name).token == idle_tokens[name], name
+        assert token_of(api, name) == idle_tokens[name], name
     # Read before the kill: a quiet LUN recorded clean stays clean until it is written.
     recorded = {name: catalog.recorded_clean(name) for name in quiet}
     assert daemon.proc is not None
@@ -348,9 +359,10 @@ def test_kill_right_after_a_write_changes_the_token(crashy: Start) -> None:
     with d.client() as api:
         api.create_lun("x", "4M")
         before = api.acquire_hold("x", "job").token
+        assert before is not None
     qemu_io(d, "x", "write 0 4k")
     with d.client() as api:
-        after = api.token("x").token
+        after = token_of(api, "x")
     assert after != before
     d.kill()  # well within clean-after
     d = crashy()
@@ -370,7 +382,7 @@ def test_kill_after_idle_keeps_the_token(crashy: Start) -> None:
         api.acquire_hold("x", "job", mode="flag", track_changes=True)
     qemu_io(d, "x", "write 1M 4k")
     with d.client() as api:
-        token = api.token("x").token
+        token = token_of(api, "x")
         catalog = Catalog(d.home, {"x": api.state("x").lun_uuid})
     wait_until("x recorded clean", lambda: catalog.recorded_clean("x"))
     d.kill()
@@ -388,9 +400,10 @@ def test_clean_stop_keeps_tokens_even_right_after_a_write(crashy: Start) -> None
     with d.client() as api:
         api.create_lun("x", "4M")
         before = api.acquire_hold("x", "job", mode="timestamp").token
+        assert before is not None
     qemu_io(d, "x", "write 0 4k")
     with d.client() as api:
-        after = api.token("x").token
+        after = token_of(api, "x")
     assert d.stop() == 0  # SIGTERM at once, before any checkpoint
     d = crashy()
     with d.client() as api:

@@ -46,7 +46,7 @@ def pattern(seed: int, length: int) -> bytes:
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=10)
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Served:
     def connections(self) -> int:
         return self.call(lambda: len(self.server.connections))
 
-    def wait_connections(self, n: int, timeout: float = 5.0) -> None:
+    def wait_connections(self, n: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while self.connections() != n:
             assert time.monotonic() < deadline, f"{self.connections()} connections, not {n}"
