@@ -30,7 +30,12 @@ def serve(
         "(a crash before that gives the LUN a new state epoch)",
     ),
 ) -> None:
-    """Run the array: serve LUNs over NBD and the management API until SIGTERM."""
+    """Run the array: serve LUNs over NBD and the management API until SIGTERM.
+
+    Exit codes: 0 after SIGTERM or Ctrl-C; 6 when a port or the data directory
+    is in use; 2 when an address cannot be listened on. The ports are checked
+    before the data directory is created.
+    """
     # Imported here: the daemon pulls in uvicorn and FastAPI, which every other
     # subcommand would otherwise pay for at start-up.
     from lunseal.daemon import DaemonConfig, run
