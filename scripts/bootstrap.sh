@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Shared by start.sh and test.sh: make .venv with lunseal installed.
-# Usage: source scripts/bootstrap.sh [extras]   (extras e.g. "dev")
+# Usage: bash scripts/bootstrap.sh [extras]   (extras e.g. "dev")
+# Run it, never `source` it: a sourced script without arguments sees its
+# caller's arguments as its own, and would take them for pip extras.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"

@@ -10,6 +10,7 @@ import pytest
 from lunseal import errors
 from lunseal.errors import (
     ERRORS_BY_CODE,
+    AddressInUse,
     ArchiveCorrupt,
     BackendError,
     Conflict,
@@ -42,6 +43,7 @@ EXPECTED: dict[type[LunsealError], tuple[str, int, int, int]] = {
     Unauthorized: ("unauthorized", 401, 7, errno.EIO),
     DaemonUnavailable: ("daemon_unavailable", 503, 5, errno.EIO),
     DataDirLocked: ("data_dir_locked", 500, 6, errno.EIO),
+    AddressInUse: ("address_in_use", 500, 6, errno.EIO),
     ProtocolError: ("protocol_error", 500, 1, errno.EIO),
     ArchiveCorrupt: ("archive_corrupt", 500, 8, errno.EIO),
 }

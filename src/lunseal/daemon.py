@@ -1,8 +1,9 @@
 """The array daemon: one process, one event loop, NBD and the API side by side.
 
-Start-up order: lock and open the data directory, bind every listener (so
-port 0 resolves to a real port), then publish ``daemon.json`` so the CLI can
-find us.  SIGTERM/SIGINT: stop accepting, let connections send what they owe,
+Start-up order: bind the TCP listeners (so a busy port fails before a data
+directory, catalog or demo LUN is created, and port 0 resolves to a real
+port), lock and open the data directory, serve, then publish ``daemon.json``
+so the CLI can find us.  SIGTERM/SIGINT: stop accepting, let connections send what they owe,
 flush every LUN, record a clean shutdown, exit 0.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -25,6 +27,7 @@ import uvloop
 from lunseal import __version__
 from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.array import CATALOG_FILE, Array
+from lunseal.errors import AddressInUse, InvalidArgument
 from lunseal.fsutil import atomic_write_json
 from lunseal.home import Home
 from lunseal.nbd.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, NbdServer
@@ -63,36 +66,48 @@ def run(config: DaemonConfig) -> int:
 
 
 async def _serve(cfg: DaemonConfig) -> int:
-    home = Home(cfg.home)
-    home.ensure()
-    token = home.load_or_create_token()
-    fresh = not (home.root / CATALOG_FILE).exists()
-    array = Array.open(home.root)
+    nbd_sock, api_sock = _bind_listeners(cfg)
+    try:
+        home = Home(cfg.home)
+        home.ensure()
+        token = home.load_or_create_token()
+        fresh = not (home.root / CATALOG_FILE).exists()
+        array = Array.open(home.root)
+    except BaseException:
+        nbd_sock.close()
+        api_sock.close()
+        raise
     try:
         if fresh and cfg.demo_lun and not array.luns():
             array.create_lun(DEMO_LUN, DEMO_SIZE)
-        return await _run_servers(cfg, home, array, token)
+        return await _run_servers(cfg, home, array, token, (nbd_sock, api_sock))
     finally:
         array.close()
         log.info("array closed cleanly")
 
 
-async def _run_servers(cfg: DaemonConfig, home: Home, array: Array, token: str) -> int:
+async def _run_servers(
+    cfg: DaemonConfig,
+    home: Home,
+    array: Array,
+    token: str,
+    sockets: tuple[socket.socket, socket.socket],
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    nbd_sock, api_sock = sockets
     nbd = NbdServer(
         array,
         max_connections=cfg.nbd_max_connections,
         handshake_timeout=cfg.nbd_handshake_timeout,
     )
-    await nbd.listen_tcp(cfg.nbd_host, cfg.nbd_port)
+    await nbd.listen_tcp_socket(nbd_sock)
     if cfg.unix_socket:
         await nbd.listen_unix(home.nbd_socket)
 
-    api_sock = _bind_api_socket(cfg.api_host, cfg.api_port)
     api_host, api_port = api_sock.getsockname()[:2]
     ctx = DaemonContext(array=array, nbd=nbd, token=token)
     ctx.api_url = f"http://{_url_host(api_host)}:{api_port}"
@@ -154,13 +169,41 @@ async def _wait_for_stop(stop: asyncio.Event, api_task: asyncio.Task[None]) -> N
         raise RuntimeError("the API server stopped unexpectedly")
 
 
-def _bind_api_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.setblocking(False)
+def _bind_listeners(cfg: DaemonConfig) -> tuple[socket.socket, socket.socket]:
+    """The NBD and API sockets, bound and listening, or one clear error."""
+    nbd = _bind_tcp("NBD", "--nbd-port", cfg.nbd_host, cfg.nbd_port)
+    try:
+        return nbd, _bind_tcp("the API", "--api-port", cfg.api_host, cfg.api_port)
+    except BaseException:
+        nbd.close()
+        raise
+
+
+def _bind_tcp(what: str, option: str, host: str, port: int) -> socket.socket:
+    where = f"{_url_host(host)}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise InvalidArgument(f"cannot listen for {what} on {where}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # SO_REUSEADDR only skips TIME_WAIT after a restart; a live listener still wins.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(
+                f"cannot listen for {what} on {where}: the port is in use "
+                f"(another lunseal?); choose another with {option} (0 picks a free one)"
+            ) from None
+        raise InvalidArgument(
+            f"cannot listen for {what} on {where}: {exc.strerror or exc}"
+        ) from None
     return sock
 
 

@@ -17,6 +17,7 @@ data on the classes, so each front end maps errors in exactly one place::
     +-- Unauthorized           missing or wrong API token             (401)
     +-- DaemonUnavailable      the CLI cannot reach a daemon          (exit 5)
     +-- DataDirLocked          another daemon owns the data directory (exit 6)
+    +-- AddressInUse           a port the daemon should listen on is taken (exit 6)
     +-- ProtocolError          malformed wire framing: the connection is closed
     +-- ArchiveCorrupt         a backup archive object is damaged or missing (exit 8)
 """
@@ -119,6 +120,13 @@ class DataDirLocked(LunsealError):
     code = "data_dir_locked"
 
 
+class AddressInUse(LunsealError):
+    """Another process listens on a port the daemon was told to use."""
+
+    exit_code = 6
+    code = "address_in_use"
+
+
 class ProtocolError(LunsealError):
     """A peer broke the framing of a wire protocol; only that connection is dropped."""
 
@@ -150,6 +158,7 @@ ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
         Unauthorized,
         DaemonUnavailable,
         DataDirLocked,
+        AddressInUse,
         ProtocolError,
         ArchiveCorrupt,
     )

@@ -238,6 +238,43 @@ def test_url_and_token_from_the_environment(cli_daemon: Daemon) -> None:
     assert json.loads(result.stdout)["name"] == "demo"
 
 
+GLOBALS_AFTER: list[tuple[str, ...]] = [
+    ("status", "--home", "{home}", "--json"),
+    ("lun", "list", "--home={home}", "--json"),
+    ("lun", "show", "demo", "--json", "--url", "{url}", "--token", "{token}"),
+    ("mirror", "status", "--json", "--home", "{home}"),
+    ("state", "holds", "demo", "--url={url}", "--token={token}", "--json"),
+]
+
+
+@pytest.mark.parametrize("args", GLOBALS_AFTER, ids=[" ".join(a[:2]) for a in GLOBALS_AFTER])
+def test_global_options_after_the_subcommand(
+    cli_daemon: Daemon, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    values = {"home": str(cli_daemon.home), "url": cli_daemon.api_url, "token": cli_daemon.token}
+    # A wrong home in the environment: the option given after the subcommand wins.
+    result = run(*(a.format(**values) for a in args), env={"LUNSEAL_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    json.loads(result.stdout)  # --json took effect
+
+
+def test_the_last_home_given_wins(cli_daemon: Daemon, tmp_path: Path) -> None:
+    result = run("--home", str(tmp_path), "status", "--json", "--home", str(cli_daemon.home))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["api_url"] == cli_daemon.api_url
+
+
+def test_a_global_option_without_its_value_is_one_line(tmp_path: Path) -> None:
+    assert "--home needs a value" in assert_one_line_error(run("lun", "list", "--home"), 2)
+
+
+def test_options_after_double_dash_stay_arguments(cli_daemon: Daemon) -> None:
+    # After "--" even a global option's name is an argument: here, a LUN name.
+    result = cli(cli_daemon, "lun", "show", "--", "--json")
+    assert "no LUN named '--json'" in assert_one_line_error(result, 3)
+
+
 def test_wrong_token_is_exit_7(cli_daemon: Daemon) -> None:
     result = run("--url", cli_daemon.api_url, "--token", "wrong", "lun", "list")
     assert "missing or wrong API token" in assert_one_line_error(result, 7)

@@ -111,7 +111,12 @@ def test_option_data_over_64k_is_refused_and_negotiation_goes_on(
     for i in range(20):  # 20 queries of 4 KiB: over 64 KiB of option data
         assert lib.nbd_add_meta_context(handle, f"x{i}:{'q' * 4000}".encode()) == 0
     seen: list[bytes] = []
-    callback = _ContextCallback(lambda _data, name: seen.append(name) or 0)
+
+    def collect(_data: object, name: bytes) -> int:
+        seen.append(name)
+        return 0
+
+    callback = _ContextCallback(collect)
     assert lib.nbd_opt_list_meta_context(handle, _ContextClosure(callback, None, None)) == -1
     assert lib.nbd_aio_is_dead(handle) == 0, error(lib)
     assert seen == []

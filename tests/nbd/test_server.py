@@ -48,7 +48,7 @@ def pattern(seed: int, length: int) -> bytes:
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=10)
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Served:
     def connections(self) -> int:
         return self.call(lambda: len(self.server.connections))
 
-    def wait_connections(self, n: int, timeout: float = 5.0) -> None:
+    def wait_connections(self, n: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while self.connections() != n:
             assert time.monotonic() < deadline, f"{self.connections()} connections, not {n}"
@@ -737,7 +737,7 @@ def test_pipelined_reads_never_read_keep_memory_bounded(served: Served) -> None:
                 lambda: (
                     conn.queued_bytes,
                     conn.peak_queued,
-                    conn.transport.get_write_buffer_size(),
+                    conn.transport.get_write_buffer_size() if conn.transport else 0,
                 )
             )
             assert in_transport <= 16 * MiB

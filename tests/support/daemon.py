@@ -23,7 +23,7 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     info: dict[str, str] = field(default_factory=dict)
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 60.0) -> Daemon:
         self.home.mkdir(parents=True, exist_ok=True)
         info_file = self.home / "daemon.json"
         info_file.unlink(missing_ok=True)
@@ -95,7 +95,7 @@ class Daemon:
             timeout=60,
         )
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:

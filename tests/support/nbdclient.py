@@ -205,7 +205,7 @@ class NbdClient:
             buf += part
         return bytes(buf)
 
-    def drain_to_eof(self, timeout: float = 5.0) -> bytes:
+    def drain_to_eof(self, timeout: float = 30.0) -> bytes:
         """Whatever the server still sends before it closes; TimeoutError if it does not."""
         self.sock.settimeout(timeout)
         buf = bytearray()

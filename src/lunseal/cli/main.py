@@ -15,11 +15,13 @@ import typer
 
 from lunseal import __version__
 from lunseal.cli import backup, demo, lun, mirror, serve, state, status
-from lunseal.errors import LunsealError
+from lunseal.errors import InvalidArgument, LunsealError
 
 app = typer.Typer(
     name="lunseal",
-    help="lunseal: a software disk array with trustworthy LUN state tokens.",
+    help="lunseal: a software disk array with trustworthy LUN state tokens.\n\n"
+    "The global options --home, --url, --token and --json may also follow the subcommand "
+    "(lunseal lun list --json --home DIR).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -71,33 +73,49 @@ app.command("restore")(backup.restore)
 app.command("demo")(demo.demo)
 
 
+#: Global options: accepted anywhere before ``--``, moved in front of the subcommand.
+GLOBAL_FLAGS = frozenset({"--json"})
+GLOBAL_VALUED = frozenset({"--home", "--url", "--token"})
+
+
 def normalise_argv(argv: list[str]) -> list[str]:
     """Two conveniences click cannot express directly.
 
-    ``--json`` is accepted after the subcommand too (``lunseal lun list --json``);
-    it is moved in front, where the global option lives.  ``--track-changes``
+    Global options are accepted after the subcommand too (``lunseal serve --home
+    X``, ``lunseal lun list --json``): click only knows them before it, so they
+    are moved there, in order, so the last one given still wins.  ``--track-changes``
     takes an optional value: given bare, it means the default granularity.
     """
+    front: list[str] = []
     args: list[str] = []
-    json_flag = False
-    for i, arg in enumerate(argv):
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, _ = arg.partition("=")
         if arg == "--":
             args.extend(argv[i:])
             break
-        if arg == "--json":
-            json_flag = True
+        if arg in GLOBAL_FLAGS or (has_value and name in GLOBAL_VALUED):
+            front.append(arg)
+        elif arg in GLOBAL_VALUED:
+            if i + 1 == len(argv):
+                raise InvalidArgument(f"{arg} needs a value")
+            front.extend(argv[i : i + 2])
+            i += 1
         elif arg == "--track-changes":
             args.append(f"--track-changes={state.TRACK_CHANGES_DEFAULT}")
         else:
             args.append(arg)
-    return (["--json"] if json_flag else []) + args
+        i += 1
+    return front + args
 
 
 def main() -> None:
     try:
+        args = normalise_argv(sys.argv[1:])
         # Without standalone mode click returns a command's typer.Exit code
         # instead of exiting with it.
-        code = app(args=normalise_argv(sys.argv[1:]), prog_name="lunseal", standalone_mode=False)
+        code = app(args=args, prog_name="lunseal", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except LunsealError as exc:
         print(f"lunseal: error: {exc.message}", file=sys.stderr)

@@ -15,10 +15,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def serve(
     ctx: typer.Context,
     nbd_listen: str = typer.Option("127.0.0.1", help="address of the NBD TCP listener"),
-    nbd_port: int = typer.Option(10809, help="NBD TCP port (0 picks a free one)"),
+    nbd_port: int = typer.Option(10809, min=0, max=65535, help="NBD TCP port (0 picks a free one)"),
     unix_socket: bool = typer.Option(True, help="also serve NBD on HOME/nbd.sock"),
     api_listen: str = typer.Option("127.0.0.1", help="address of the management API"),
-    api_port: int = typer.Option(10810, help="management API port (0 picks a free one)"),
+    api_port: int = typer.Option(
+        10810, min=0, max=65535, help="management API port (0 picks a free one)"
+    ),
     demo: bool = typer.Option(True, help="create a 1G LUN 'demo' in a new data directory"),
     max_connections: int = typer.Option(
         256, help="NBD connections served at once; more are refused with a log line"
@@ -34,7 +36,12 @@ def serve(
         "(a crash before that gives the LUN a new state epoch)",
     ),
 ) -> None:
-    """Run the array: serve LUNs over NBD and the management API until SIGTERM."""
+    """Run the array: serve LUNs over NBD and the management API until SIGTERM.
+
+    Exit codes: 0 after SIGTERM or Ctrl-C; 6 when a port or the data directory
+    is in use; 2 when an address cannot be listened on. The ports are checked
+    before the data directory is created.
+    """
     # Imported here: the daemon pulls in uvicorn and FastAPI, which every other
     # subcommand would otherwise pay for at start-up.
     from lunseal.daemon import DaemonConfig, run

@@ -420,6 +420,12 @@ class NbdServer:
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        return await self.listen_tcp_socket(sock)
+
+    async def listen_tcp_socket(self, sock: socket.socket) -> tuple[str, int]:
+        """Serve on a bound socket: the daemon binds before it creates its data
+        directory, so a busy port fails before anything is written."""
+        sock.listen(LISTEN_BACKLOG)
         self._listen(sock)
         sockname = sock.getsockname()
         self.tcp_address = (str(sockname[0]), int(sockname[1]))
