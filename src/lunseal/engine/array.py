@@ -27,7 +27,14 @@ from lunseal.engine.lun import (
 )
 from lunseal.engine.mirrors import MirrorSet
 from lunseal.engine.state import LunState, StateTracker
-from lunseal.errors import BackendError, Conflict, DataDirLocked, InvalidArgument, NotFound
+from lunseal.errors import (
+    BackendError,
+    Conflict,
+    DataDirLocked,
+    InvalidArgument,
+    LunsealError,
+    NotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +108,16 @@ class Array:
 
     def checkpoint(self, idle: float) -> None:
         """Record the exact state of every LUN whose changes have been idle ``idle`` s."""
-        self.mirrors.checkpoint(idle)
+        # One LUN's failure must not keep the others dirty; the caller logs and retries.
+        first: LunsealError | None = None
         for tracker in self._trackers.values():
             try:
                 tracker.checkpoint(idle)
-            except BackendError as exc:
-                log.error("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
+            except LunsealError as exc:
+                first = first or LunsealError(f"LUN {tracker.lun.name}: {exc.message}")
+        self.mirrors.checkpoint(idle)
+        if first is not None:
+            raise first
 
     def close(self) -> None:
         """Flush every LUN, record a clean shutdown and release the data directory."""
