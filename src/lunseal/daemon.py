@@ -57,6 +57,9 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 def run(config: DaemonConfig) -> int:
+    # A file-size limit (ulimit -f) must fail the one write that hits it (EFBIG,
+    # reported to the client) instead of killing the array with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     return int(uvloop.run(_serve(config)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 from typing import Any
 
@@ -113,8 +114,9 @@ def test_state_of_an_untracked_lun(http: httpx.Client, lun: str) -> None:
     assert state["tracking"] is False
     assert state["token"] is None
     assert state["holds"] == []
-    assert state["epoch"] == 1
+    assert re.fullmatch(r"[0-9a-f]{16}", state["epoch"])
     assert state["epoch_reason"] == ""
+    assert state["clean"] is True
     lun_uuid = http.get(f"/v1/luns/{lun}").json()["uuid"]
     assert state["lun_uuid"] == lun_uuid
     message = assert_error(http.get(f"/v1/luns/{lun}/state/token"), 409, "conflict")
@@ -145,7 +147,7 @@ def test_hold_life_cycle(api_daemon: Daemon, http: httpx.Client, lun: str) -> No
     qemu_io(api_daemon, lun, "write -P 0x5a 1M 64k")
     outcome = check(http, lun, first)
     assert outcome["result"] == "changed"
-    assert "changed since the token" in outcome["reason"]
+    assert "data was written since the token" in outcome["reason"]
     second = outcome["current"]
     assert second != first
     assert token(http, lun) == second
@@ -227,11 +229,14 @@ def test_delete_and_recreate_same_name_and_number(http: httpx.Client) -> None:
         assert http.delete(f"/v1/luns/{name}").status_code == 204
 
 
-def test_malformed_tokens_are_changed(http: httpx.Client, lun: str) -> None:
+def test_malformed_tokens_are_400_foreign_ones_changed(http: httpx.Client, lun: str) -> None:
     good = acquire(http, lun)["token"]
-    for bad in ["", "nonsense", good + "0", good.replace("counter", "flag"), good[:-1] + "x"]:
-        outcome = check(http, lun, bad)
-        assert outcome["result"] == "changed", bad
+    for bad in ["", "nonsense", good + "x", good[:-1] + "x", good.replace("lst1", "lst2")]:
+        response = http.post(f"/v1/luns/{lun}/state/check", json={"token": bad})
+        message = assert_error(response, 400, "invalid_argument")
+        assert "not a lunseal state token" in message
+    for other in [good + "0", good.replace("counter", "flag")]:
+        assert check(http, lun, other)["result"] == "changed", other
     assert check(http, lun, good)["result"] == "intact"
 
 

@@ -114,7 +114,8 @@ class Array:
             try:
                 tracker.checkpoint(idle)
             except LunsealError as exc:
-                first = first or LunsealError(f"LUN {tracker.lun.name}: {exc.message}")
+                log.debug("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
+                first = first or exc
         self.mirrors.checkpoint(idle)
         if first is not None:
             raise first
