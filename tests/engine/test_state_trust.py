@@ -4,7 +4,6 @@ that cannot be written, and catalogs of the counting-epoch schema."""
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import shutil
@@ -22,6 +21,7 @@ from lunseal.engine.layers import PowerLossBackend
 from lunseal.engine.memory_backend import MemoryBackend
 from lunseal.errors import CatalogError
 from tests.support.arrays import Arrays, abandon
+from tests.support.tamper import dd
 
 MiB = 1 << 20
 
@@ -186,31 +186,6 @@ def test_an_all_digit_random_epoch_round_trips_as_text(arrays: Arrays) -> None:
 
 
 # -- writes into the backing file while the array runs --------------------------------------------
-
-
-def next_tick(path: Path) -> None:
-    """Wait until the kernel's file-time clock has moved past ``path``'s mtime,
-    so a change made now gives the file a different stamp (bounded by count)."""
-    probe = path.with_name(path.name + ".tick")
-    mtime = path.stat().st_mtime_ns
-    try:
-        for _ in range(1_000_000):
-            probe.write_bytes(b"t")
-            if probe.stat().st_mtime_ns > mtime:
-                return
-        raise AssertionError("the file-time clock did not move")
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def dd(path: Path, offset: int, data: bytes) -> None:
-    """Another process's write into the file, as ``dd conv=notrunc`` would do."""
-    next_tick(path)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -413,3 +388,20 @@ def test_power_loss_after_a_checkpoint_keeps_the_token(arrays: Arrays) -> None:
     arr = arrays.open()
     assert arr.tracker("a").token() not in {token, later, lost}
     assert "unclean shutdown" in arr.tracker("a").state.epoch_reason
+
+
+def test_a_write_behind_seen_while_the_catalog_fails_is_not_forgotten(arrays: Arrays) -> None:
+    arr = arrays.open()
+    arr.create_lun("a", MiB)
+    tracker = arr.tracker("a")
+    _h, token = tracker.acquire("backup")
+    dd(Path(arr.lun("a").record.path), 0, b"tampered")
+    with catalog_full(arr):
+        for _ in range(2):
+            with pytest.raises(CatalogError):
+                arr.checkpoint(0)
+        with pytest.raises(CatalogError):
+            tracker.check(token)
+    arr.checkpoint(0)
+    assert FOREIGN_RE.search(tracker.state.epoch_reason)
+    assert not tracker.check(token).intact

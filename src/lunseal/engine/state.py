@@ -183,11 +183,14 @@ class StampWatch:
         self._expected = self.stamp()
 
     def foreign_changes(self) -> list[str]:
-        """What changed behind the array's back since the last call (empty: nothing)."""
+        """What changed behind the array's back (empty: nothing) until :meth:`accept`."""
         self.look()
-        found, self._foreign = self._foreign, []
+        return list(self._foreign)
+
+    def accept(self) -> None:
+        """The foreign change is recorded (new epoch): the current stamp is expected."""
+        self._foreign = []
         self._expected = self.stamp()
-        return found
 
 
 class StateTracker:
@@ -283,7 +286,6 @@ class StateTracker:
         if not found:
             return
         reason = f"{FOREIGN} ({', '.join(found)})"
-        log.warning("LUN %s: new state epoch: %s", self.lun.name, reason)
         state = self.state.next_epoch(reason)
         self._mark_all_changed()
         if state.clean:
@@ -291,6 +293,9 @@ class StateTracker:
         else:
             self.store.save_change_maps(self.lun.record.uuid, self.holds.values())
             self._commit(state)
+        # Only now: if the catalog failed, the next look finds the change again.
+        self.watch.accept()
+        log.warning("LUN %s: new state epoch %s: %s", self.lun.name, state.epoch, reason)
 
     def _mark_all_changed(self) -> None:
         for hold in self.holds.values():
