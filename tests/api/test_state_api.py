@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import re
+import resource
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +15,10 @@ import pytest
 from lunseal.client import ArrayClient
 from lunseal.errors import Conflict, InvalidArgument, NotFound
 from tests.interop.helpers import lun_io as qemu_io
+from tests.interop.helpers import qemu_io as raw_qemu_io
+from tests.interop.helpers import wait_until
 from tests.support.daemon import Daemon
+from tests.support.tamper import dd
 from tests.support.tools import require_tools
 
 pytestmark = pytest.mark.daemon
@@ -383,3 +388,81 @@ def test_changes_without_a_map_is_400(http: httpx.Client, lun: str) -> None:
     acquire(http, lun, hold="plain")
     message = assert_error(http.get(f"/v1/luns/{lun}/holds/plain/changes"), 400, "invalid_argument")
     assert "change map" in message
+
+
+# -- writes behind the running array, a catalog that cannot be written -----------------------------
+
+
+FOREIGN = "changed by another process while the array was running"
+
+
+def test_a_write_behind_the_running_daemon_is_seen_at_check(http: httpx.Client, lun: str) -> None:
+    path = Path(http.get(f"/v1/luns/{lun}").json()["path"])
+    tok = acquire(http, lun, hold="job", track_changes=True)["token"]
+    dd(path, 4096, b"tampered")
+    outcome = check(http, lun, tok)
+    assert outcome["result"] == "changed"
+    assert FOREIGN in outcome["reason"]
+    changes = http.get(f"/v1/luns/{lun}/holds/job/changes").json()
+    assert changes["changed_bytes"] == 8 * MiB  # nobody knows where: everything
+
+
+def test_a_write_behind_a_dirty_lun_is_seen_by_the_checkpoint_loop(
+    api_daemon: Daemon, http: httpx.Client, lun: str
+) -> None:
+    acquire(http, lun, hold="job")
+    path = Path(http.get(f"/v1/luns/{lun}").json()["path"])
+    qemu_io(api_daemon, lun, "write 0 4k")
+    tok = token(http, lun)
+    dd(path, 8192, b"tampered")
+    # No token is asked for: the checkpoint loop alone must notice.
+    wait_until(
+        lambda: f"LUN {lun}: new state epoch" in api_daemon.log(),
+        what="the checkpoint loop to see the foreign write",
+    )
+    outcome = check(http, lun, tok)
+    assert outcome["result"] == "changed"
+    assert FOREIGN in outcome["reason"]
+
+
+def _clean(http: httpx.Client, lun: str) -> bool:
+    return bool(http.get(f"/v1/luns/{lun}/state").json()["clean"])
+
+
+def test_a_full_catalog_fails_writes_with_eio_and_the_api_with_503(tmp_path: Path) -> None:
+    """The catalog's WAL cannot grow (a real kernel file-size limit on the daemon,
+    set with prlimit): the dirty mark of a write cannot be made durable."""
+    require_tools("qemu-io")
+    d = Daemon(tmp_path / "home", ["--clean-after", "0.5", "--no-demo"]).start()
+    assert d.proc is not None
+    pid = d.proc.pid
+    headers = {"Authorization": f"Bearer {d.token}"}
+    try:
+        with httpx.Client(base_url=d.api_url, headers=headers, timeout=30) as h:
+            assert h.post("/v1/luns", json={"name": "x", "size": "4M"}).status_code == 201
+            acquire(h, "x", hold="job")
+            qemu_io(d, "x", "write -P 1 0 4k")
+            wait_until(lambda: _clean(h, "x"), what="the LUN to be recorded clean")
+            before = token(h, "x")
+            wal = d.home / "catalog.sqlite-wal"
+            old = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (max(wal.stat().st_size, 8192), old[1]))
+            try:
+                refused = raw_qemu_io(d.uri("x"), "write -P 2 0 4k", check=False)
+                assert refused.returncode != 0
+                assert "Input/output error" in refused.stdout + refused.stderr
+                response = h.post("/v1/luns/x/holds", json={"hold": "second"})
+                assert "catalog failure" in assert_error(response, 503, "catalog_error")
+                assert token(h, "x") == before  # nothing was acknowledged
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, old)
+            assert d.proc.poll() is None
+            qemu_io(d, "x", "read -P 1 0 4k")  # the refused write never reached the LUN
+            qemu_io(d, "x", "write -P 3 0 4k")
+            after = token(h, "x")
+            assert after != before
+            wait_until(lambda: _clean(h, "x"), what="the checkpoint loop to record the LUN")
+            acquire(h, "x", hold="second")
+            assert check(h, "x", before)["result"] == "changed"
+    finally:
+        assert d.stop() == 0, d.log()
