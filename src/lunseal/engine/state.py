@@ -85,9 +85,7 @@ class LunState:
     def next_epoch(self, reason: str) -> LunState:
         """This state in a fresh epoch (a copy: the caller saves it first)."""
         history = [*self.history, (self.epoch, reason)][-EPOCH_HISTORY:]
-        return replace(
-            self, epoch=new_epoch(), epoch_reason=reason, history=history, flag=False
-        )
+        return replace(self, epoch=new_epoch(), epoch_reason=reason, history=history, flag=False)
 
 
 @dataclass

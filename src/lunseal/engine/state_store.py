@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS {name} (
 );
 """
 
-SCHEMA = _LUN_STATE.format(name="lun_state") + """
+SCHEMA = (
+    _LUN_STATE.format(name="lun_state")
+    + """
 CREATE TABLE IF NOT EXISTS holds (
     lun_uuid    TEXT NOT NULL,
     name        TEXT NOT NULL,
@@ -44,6 +46,7 @@ CREATE TABLE IF NOT EXISTS holds (
     PRIMARY KEY (lun_uuid, name)
 );
 """
+)
 
 
 def migrate_epochs_to_text(db: sqlite3.Connection) -> None:
