@@ -58,7 +58,7 @@ def test_the_checkpoint_loop_survives_a_failing_catalog_and_recovers(
 
 def test_retry_backs_off_and_logs_each_kind_once(caplog: pytest.LogCaptureFixture) -> None:
     retry = Retry("copy", first=0.5, most=4.0)
-    delays = [retry.failed(OSError("disk full")) for _ in range(6)]
+    delays = [retry.failed(OSError(f"disk full at {i}")) for i in range(6)]
     assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     retry.failed(ValueError("other"))
     assert caplog.text.count("copy failed") == 2

@@ -130,10 +130,18 @@ class Retry:
 
     def failed(self, exc: Exception) -> float:
         """Record a failure; returns how long to wait before the next attempt."""
-        kind = f"{type(exc).__name__}: {exc}"
+        # By class: messages carry offsets and would make every round a new kind.
+        kind = type(exc).__name__
         if kind not in self._logged:
             self._logged.add(kind)
-            log.error("%s failed (retrying with backoff): %s", self.what, kind, exc_info=exc)
+            log.error(
+                "%s failed (retrying with backoff; further %s errors are not logged until "
+                "it works again): %s",
+                self.what,
+                kind,
+                exc,
+                exc_info=exc,
+            )
         self.delay = min(self.most, max(self.first, self.delay * 2))
         return self.delay
 

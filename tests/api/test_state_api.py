@@ -453,10 +453,14 @@ def test_a_full_catalog_fails_writes_with_eio_and_the_api_with_503(tmp_path: Pat
                 assert "Input/output error" in refused.stdout + refused.stderr
                 response = h.post("/v1/luns/x/holds", json={"hold": "second"})
                 assert "catalog failure" in assert_error(response, 503, "catalog_error")
+                response = h.post("/v1/luns", json={"name": "y", "size": "4K"})
+                assert_error(response, 503, "catalog_error")
                 assert token(h, "x") == before  # nothing was acknowledged
             finally:
                 resource.prlimit(pid, resource.RLIMIT_FSIZE, old)
             assert d.proc.poll() is None
+            assert [lun["name"] for lun in h.get("/v1/luns").json()] == ["x"]
+            assert len(list((d.home / "luns").iterdir())) == 1  # no backing file left over
             qemu_io(d, "x", "read -P 1 0 4k")  # the refused write never reached the LUN
             qemu_io(d, "x", "write -P 3 0 4k")
             after = token(h, "x")
