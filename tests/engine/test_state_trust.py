@@ -405,3 +405,35 @@ def test_a_write_behind_seen_while_the_catalog_fails_is_not_forgotten(arrays: Ar
     arr.checkpoint(0)
     assert FOREIGN_RE.search(tracker.state.epoch_reason)
     assert not tracker.check(token).intact
+
+
+def test_a_catalog_at_its_page_limit_refuses_the_write_with_sqlite_full(arrays: Arrays) -> None:
+    """SQLite's own "database or disk is full": the catalog may not grow a page
+    (``PRAGMA max_page_count``) and the epoch history makes the dirty marks grow."""
+    arr = arrays.open()
+    for name in ("a", "b"):
+        arr.create_lun(name, MiB)
+        arr.tracker(name).acquire("backup")
+    db = arr.catalog._db
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    db.execute(f"PRAGMA max_page_count = {pages}")
+    failed = None
+    for i in range(200):
+        for name in ("a", "b"):
+            lun, tracker = arr.lun(name), arr.tracker(name)
+            before = (lun.read(0, 512), tracker.token())
+            try:
+                lun.write(0, bytes([i + 1]) * 512)
+            except CatalogError as exc:
+                failed = exc
+                break
+            arr.checkpoint(0)
+        if failed:
+            break
+    assert failed is not None, "the catalog never filled up"
+    assert "database or disk is full" in failed.message
+    assert (lun.read(0, 512), tracker.token()) == before  # nothing acknowledged, nothing written
+    assert not tracker.dirty
+    db.execute("PRAGMA max_page_count = 1073741823")
+    lun.write(0, b"room again")
+    assert tracker.dirty
