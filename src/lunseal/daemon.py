@@ -62,6 +62,9 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 def run(config: DaemonConfig) -> int:
+    # A file-size limit (ulimit -f) must fail the one write that hits it (EFBIG,
+    # reported to the client) instead of killing the array with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     return int(uvloop.run(_serve(config)))
 
 
@@ -134,26 +137,69 @@ async def _run_servers(
     return 0
 
 
+class Retry:
+    """Error handling of a background loop: the loop survives any error, logs
+    each kind of failure once (not once per round), and waits longer between
+    attempts while failures go on (exponential backoff up to ``most``)."""
+
+    def __init__(self, what: str, *, first: float = 0.5, most: float = 30.0) -> None:
+        self.what = what
+        self.first = first
+        self.most = most
+        self.delay = 0.0
+        self._logged: set[str] = set()
+
+    def failed(self, exc: Exception) -> float:
+        """Record a failure; returns how long to wait before the next attempt."""
+        # By class: messages carry offsets and would make every round a new kind.
+        kind = type(exc).__name__
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.error(
+                "%s failed (retrying with backoff; further %s errors are not logged until "
+                "it works again): %s",
+                self.what,
+                kind,
+                exc,
+                exc_info=exc,
+            )
+        self.delay = min(self.most, max(self.first, self.delay * 2))
+        return self.delay
+
+    def succeeded(self) -> None:
+        if self._logged:
+            log.warning("%s works again", self.what)
+        self._logged.clear()
+        self.delay = 0.0
+
+
 async def _checkpoint_loop(array: Array, clean_after: float) -> None:
     """Mark LUNs clean once their changes have been idle (see engine.state)."""
     interval = max(0.05, min(1.0, clean_after / 4))
+    retry = Retry("checkpoint")
     while True:
         await asyncio.sleep(interval)
-        array.checkpoint(clean_after)
+        try:
+            array.checkpoint(clean_after)
+        except Exception as exc:  # the loop must outlive any failure
+            await asyncio.sleep(retry.failed(exc))
+        else:
+            retry.succeeded()
 
 
 async def _mirror_copy_loop(array: Array) -> None:
     """Drive mirror copies in bounded steps; host I/O runs between steps."""
     work = asyncio.Event()
     array.mirrors.wake = work.set
+    retry = Retry("mirror copy step")
     while True:
         if array.mirrors.busy():
             try:
                 array.mirrors.copy_step()
-            except Exception:
-                # Never let one failure stop every mirror's copy for good.
-                log.exception("mirror copy step failed; retrying in a second")
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # never stop every mirror's copy for good
+                await asyncio.sleep(retry.failed(exc))
+            else:
+                retry.succeeded()
             await asyncio.sleep(0)
         else:
             work.clear()

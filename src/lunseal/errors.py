@@ -14,6 +14,7 @@ data on the classes, so each front end maps errors in exactly one place::
     +-- ReadOnly               write to a read-only LUN               (403, EPERM)
     +-- NotSupported           operation the backend cannot do        (400, ENOTSUP)
     +-- BackendError           the storage failed                     (500, EIO)
+    +-- CatalogError           the catalog (SQLite) failed, e.g. full (503, EIO)
     +-- Unauthorized           missing or wrong API token             (401)
     +-- DaemonUnavailable      the CLI cannot reach a daemon          (exit 5)
     +-- DataDirLocked          another daemon owns the data directory (exit 6)
@@ -103,6 +104,17 @@ class BackendError(LunsealError):
         return err
 
 
+class CatalogError(LunsealError):
+    """The catalog could not be read or written (its disk is full, an I/O error).
+
+    Temporary from the client's point of view: nothing was done, retry later."""
+
+    http_status = 503
+    exit_code = 1
+    nbd_errno = errno.EIO
+    code = "catalog_error"
+
+
 class Unauthorized(LunsealError):
     http_status = 401
     exit_code = 7
@@ -155,6 +167,7 @@ ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
         ReadOnly,
         NotSupported,
         BackendError,
+        CatalogError,
         Unauthorized,
         DaemonUnavailable,
         DataDirLocked,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import re
+import resource
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +15,10 @@ import pytest
 from lunseal.client import ArrayClient
 from lunseal.errors import Conflict, InvalidArgument, NotFound
 from tests.interop.helpers import lun_io as qemu_io
+from tests.interop.helpers import qemu_io as raw_qemu_io
+from tests.interop.helpers import wait_until
 from tests.support.daemon import Daemon
+from tests.support.tamper import dd
 from tests.support.tools import require_tools
 
 pytestmark = pytest.mark.daemon
@@ -113,8 +119,9 @@ def test_state_of_an_untracked_lun(http: httpx.Client, lun: str) -> None:
     assert state["tracking"] is False
     assert state["token"] is None
     assert state["holds"] == []
-    assert state["epoch"] == 1
+    assert re.fullmatch(r"[0-9a-f]{16}", state["epoch"])
     assert state["epoch_reason"] == ""
+    assert state["clean"] is True
     lun_uuid = http.get(f"/v1/luns/{lun}").json()["uuid"]
     assert state["lun_uuid"] == lun_uuid
     message = assert_error(http.get(f"/v1/luns/{lun}/state/token"), 409, "conflict")
@@ -145,7 +152,7 @@ def test_hold_life_cycle(api_daemon: Daemon, http: httpx.Client, lun: str) -> No
     qemu_io(api_daemon, lun, "write -P 0x5a 1M 64k")
     outcome = check(http, lun, first)
     assert outcome["result"] == "changed"
-    assert "changed since the token" in outcome["reason"]
+    assert "data was written since the token" in outcome["reason"]
     second = outcome["current"]
     assert second != first
     assert token(http, lun) == second
@@ -227,11 +234,14 @@ def test_delete_and_recreate_same_name_and_number(http: httpx.Client) -> None:
         assert http.delete(f"/v1/luns/{name}").status_code == 204
 
 
-def test_malformed_tokens_are_changed(http: httpx.Client, lun: str) -> None:
+def test_malformed_tokens_are_400_foreign_ones_changed(http: httpx.Client, lun: str) -> None:
     good = acquire(http, lun)["token"]
-    for bad in ["", "nonsense", good + "0", good.replace("counter", "flag"), good[:-1] + "x"]:
-        outcome = check(http, lun, bad)
-        assert outcome["result"] == "changed", bad
+    for bad in ["", "nonsense", good + "x", good[:-1] + "x", good.replace("lst1", "lst2")]:
+        response = http.post(f"/v1/luns/{lun}/state/check", json={"token": bad})
+        message = assert_error(response, 400, "invalid_argument")
+        assert "not a lunseal state token" in message
+    for other in [good + "0", good.replace("counter", "flag")]:
+        assert check(http, lun, other)["result"] == "changed", other
     assert check(http, lun, good)["result"] == "intact"
 
 
@@ -378,3 +388,85 @@ def test_changes_without_a_map_is_400(http: httpx.Client, lun: str) -> None:
     acquire(http, lun, hold="plain")
     message = assert_error(http.get(f"/v1/luns/{lun}/holds/plain/changes"), 400, "invalid_argument")
     assert "change map" in message
+
+
+# -- writes behind the running array, a catalog that cannot be written -----------------------------
+
+
+FOREIGN = "changed by another process while the array was running"
+
+
+def test_a_write_behind_the_running_daemon_is_seen_at_check(http: httpx.Client, lun: str) -> None:
+    path = Path(http.get(f"/v1/luns/{lun}").json()["path"])
+    tok = acquire(http, lun, hold="job", track_changes=True)["token"]
+    dd(path, 4096, b"tampered")
+    outcome = check(http, lun, tok)
+    assert outcome["result"] == "changed"
+    assert FOREIGN in outcome["reason"]
+    changes = http.get(f"/v1/luns/{lun}/holds/job/changes").json()
+    assert changes["changed_bytes"] == 8 * MiB  # nobody knows where: everything
+
+
+def test_a_write_behind_a_dirty_lun_is_seen_by_the_checkpoint_loop(
+    api_daemon: Daemon, http: httpx.Client, lun: str
+) -> None:
+    acquire(http, lun, hold="job")
+    path = Path(http.get(f"/v1/luns/{lun}").json()["path"])
+    qemu_io(api_daemon, lun, "write 0 4k")
+    tok = token(http, lun)
+    dd(path, 8192, b"tampered")
+    # No token is asked for: the checkpoint loop alone must notice.
+    wait_until(
+        lambda: f"LUN {lun}: new state epoch" in api_daemon.log(),
+        what="the checkpoint loop to see the foreign write",
+    )
+    outcome = check(http, lun, tok)
+    assert outcome["result"] == "changed"
+    assert FOREIGN in outcome["reason"]
+
+
+def _clean(http: httpx.Client, lun: str) -> bool:
+    return bool(http.get(f"/v1/luns/{lun}/state").json()["clean"])
+
+
+def test_a_full_catalog_fails_writes_with_eio_and_the_api_with_503(tmp_path: Path) -> None:
+    """The catalog's WAL cannot grow (a real kernel file-size limit on the daemon,
+    set with prlimit): the dirty mark of a write cannot be made durable."""
+    require_tools("qemu-io")
+    d = Daemon(tmp_path / "home", ["--clean-after", "0.5", "--no-demo"]).start()
+    assert d.proc is not None
+    pid = d.proc.pid
+    headers = {"Authorization": f"Bearer {d.token}"}
+    try:
+        with httpx.Client(base_url=d.api_url, headers=headers, timeout=30) as h:
+            assert h.post("/v1/luns", json={"name": "x", "size": "4M"}).status_code == 201
+            acquire(h, "x", hold="job")
+            qemu_io(d, "x", "write -P 1 0 4k")
+            wait_until(lambda: _clean(h, "x"), what="the LUN to be recorded clean")
+            before = token(h, "x")
+            wal = d.home / "catalog.sqlite-wal"
+            old = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (max(wal.stat().st_size, 8192), old[1]))
+            try:
+                refused = raw_qemu_io(d.uri("x"), "write -P 2 0 4k", check=False)
+                assert refused.returncode != 0
+                assert "Input/output error" in refused.stdout + refused.stderr
+                response = h.post("/v1/luns/x/holds", json={"hold": "second"})
+                assert "catalog failure" in assert_error(response, 503, "catalog_error")
+                response = h.post("/v1/luns", json={"name": "y", "size": "4K"})
+                assert_error(response, 503, "catalog_error")
+                assert token(h, "x") == before  # nothing was acknowledged
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, old)
+            assert d.proc.poll() is None
+            assert [lun["name"] for lun in h.get("/v1/luns").json()] == ["x"]
+            assert len(list((d.home / "luns").iterdir())) == 1  # no backing file left over
+            qemu_io(d, "x", "read -P 1 0 4k")  # the refused write never reached the LUN
+            qemu_io(d, "x", "write -P 3 0 4k")
+            after = token(h, "x")
+            assert after != before
+            wait_until(lambda: _clean(h, "x"), what="the checkpoint loop to record the LUN")
+            acquire(h, "x", hold="second")
+            assert check(h, "x", before)["result"] == "changed"
+    finally:
+        assert d.stop() == 0, d.log()

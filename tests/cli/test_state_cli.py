@@ -69,7 +69,7 @@ def test_enable_get_check_disable(cli_daemon: Daemon, lun: str) -> None:
     result = run(cli_daemon, "state", "check", lun, token)
     assert result.returncode == 1
     assert result.stdout.startswith("changed: ")
-    assert "changed since the token" in result.stdout
+    assert "data was written since the token" in result.stdout
     assert result.stderr == ""
     assert ok(cli_daemon, "state", "get", lun).strip() != token
 
@@ -95,11 +95,16 @@ def test_check_exit_codes_with_json(cli_daemon: Daemon, lun: str) -> None:
     assert body["reason"]
 
 
-def test_check_of_garbage_is_changed(cli_daemon: Daemon, lun: str) -> None:
-    ok(cli_daemon, "state", "enable", lun)
-    result = run(cli_daemon, "state", "check", lun, "not-a-token")
+def test_check_of_garbage_is_an_invalid_argument(cli_daemon: Daemon, lun: str) -> None:
+    token = ok(cli_daemon, "state", "enable", lun).strip()
+    line = one_line_error(run(cli_daemon, "state", "check", lun, "not-a-token"), 2)
+    assert "not a lunseal state token" in line
+    # A well-formed token of another epoch is an answer, not an error: changed.
+    prefix, lun_uuid, _epoch, mode, value = token.split(".")
+    other = ".".join([prefix, lun_uuid, "0123456789abcdef", mode, value])
+    result = run(cli_daemon, "state", "check", lun, other)
     assert result.returncode == 1
-    assert result.stdout.startswith("changed: not a lunseal state token")
+    assert result.stdout.startswith("changed: epoch 0123456789abcdef")
 
 
 def test_get_while_off_is_exit_4_with_one_line(cli_daemon: Daemon, lun: str) -> None:

@@ -1,4 +1,4 @@
-"""State tokens (DESIGN.md section 3, C1-C6) in the engine: trackers, holds, durability.
+"""State tokens (docs/design.md, C1-C6) in the engine: trackers, holds, durability.
 
 Two kinds of set-up: a bare :class:`StateTracker` on an in-memory LUN with a
 real SQLite store (for injected clocks and backend spies), and a real
@@ -168,7 +168,8 @@ def test_token_names_the_lun_uuid_epoch_mode_and_value(bare: Bare) -> None:
     parsed = parse_token(token)
     assert parsed is not None
     lun_uuid, epoch, mode, _value = parsed
-    assert (lun_uuid, epoch, mode) == (bare.lun.record.uuid, 1, "counter")
+    assert (lun_uuid, epoch, mode) == (bare.lun.record.uuid, bare.tracker.state.epoch, "counter")
+    assert re.fullmatch(r"[0-9a-f]{16}", epoch)  # 64 random bits
     assert token.startswith("lst1.")
     assert format_token(*parsed) == token
 
@@ -236,7 +237,8 @@ def test_every_data_change_changes_the_token(bare: Bare, mode: str, op: str) -> 
         seen.add(new)
     result = bare.tracker.check(token)
     assert not result.intact
-    assert "changed since the token" in result.reason
+    # The first change of a busy period starts a new epoch; check says why.
+    assert "data was written since the token" in result.reason
     assert result.current == bare.tracker.token()
 
 
@@ -503,27 +505,25 @@ def test_unknown_holds_are_not_found(bare: Bare) -> None:
 # -- checking tokens ---------------------------------------------------------------------------
 
 
-def test_malformed_tokens_are_changed(bare: Bare) -> None:
+def test_malformed_tokens_are_invalid_and_foreign_ones_changed(bare: Bare) -> None:
     _h, token = bare.tracker.acquire("job")
     prefix, lun_uuid, epoch, mode, value = token.split(".")
-    bad = [
+    malformed = [
         "",
         "   ",
         "garbage",
         token + ".1",
         ".".join([prefix, lun_uuid, epoch, mode]),
         ".".join(["lst2", lun_uuid, epoch, mode, value]),
-        ".".join([prefix, lun_uuid, epoch, "flag", value]),
         ".".join([prefix, lun_uuid, epoch, "bogus", value]),
         ".".join([prefix, lun_uuid, "one", mode, value]),
         ".".join([prefix, lun_uuid, epoch, mode, "x"]),
         ".".join([prefix, lun_uuid, epoch, mode, ""]),
-        ".".join([prefix, lun_uuid.upper(), epoch, mode, value]),
-        ".".join([prefix, str(uuidlib.uuid4()), epoch, mode, value]),
-        ".".join([prefix, lun_uuid, str(int(epoch) + 1), mode, value]),
-        ".".join([prefix, lun_uuid, epoch, mode, str(int(value) + 1)]),
         # numbers that parse to the right value but were never issued in this form
         ".".join([prefix, lun_uuid, "0" + epoch, mode, value]),
+        ".".join([prefix, lun_uuid, epoch.upper(), mode, value]),
+        ".".join([prefix, lun_uuid, epoch + "0", mode, value]),
+        ".".join([prefix, lun_uuid, "01", mode, value]),
         ".".join([prefix, lun_uuid, epoch, mode, "0" + value]),
         ".".join([prefix, lun_uuid, epoch, mode, "+" + value]),
         ".".join([prefix, lun_uuid, epoch, mode, " " + value]),
@@ -531,7 +531,18 @@ def test_malformed_tokens_are_changed(bare: Bare) -> None:
         token.replace(".", ",", 1),
         token.upper(),
     ]
-    for text in bad:
+    for text in malformed:
+        with pytest.raises(InvalidArgument, match="not a lunseal state token"):
+            bare.tracker.check(text)
+    well_formed_but_other = [
+        ".".join([prefix, lun_uuid, epoch, "flag", value]),
+        ".".join([prefix, lun_uuid.upper(), epoch, mode, value]),
+        ".".join([prefix, str(uuidlib.uuid4()), epoch, mode, value]),
+        ".".join([prefix, lun_uuid, "0123456789abcdef", mode, value]),
+        ".".join([prefix, lun_uuid, "7", mode, value]),  # a schema-1 epoch
+        ".".join([prefix, lun_uuid, epoch, mode, str(int(value) + 1)]),
+    ]
+    for text in well_formed_but_other:
         result = bare.tracker.check(text)
         assert not result.intact, text
         assert result.reason, text
@@ -542,12 +553,17 @@ def test_malformed_tokens_are_changed(bare: Bare) -> None:
 def test_check_explains_an_epoch_change(arrays: Arrays) -> None:
     arr = arrays.open()
     arr.create_lun("a", MiB)
-    _h, token = arr.tracker("a").acquire("job")
+    _h, before = arr.tracker("a").acquire("job")
     arr.lun("a").write(0, b"x")
+    token = arr.tracker("a").token()
     arr = arrays.crash()
     result = arr.tracker("a").check(token)
     assert not result.intact
-    assert re.search(r"epoch 1 -> 2: recovered after an unclean shutdown", result.reason)
+    assert "data was written since the token" in arr.tracker("a").check(before).reason
+    epoch = arr.tracker("a").state.epoch
+    assert re.search(
+        rf"epoch [0-9a-f]{{16}} -> {epoch}: recovered after an unclean shutdown", result.reason
+    )
 
 
 # -- LUN identity: C6 and C1 across delete/re-create ---------------------------------------------
@@ -632,7 +648,6 @@ def test_a_clean_restart_keeps_tokens(arrays: Arrays, mode: str) -> None:
         assert arr.tracker("a").check(after_write).intact
         assert not arr.tracker("a").check(before_write).intact
         assert arr.tracker("b").token() == idle
-        assert arr.tracker("a").state.epoch == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -645,10 +660,10 @@ def test_a_crash_with_unrecorded_changes_changes_every_token(arrays: Arrays, mod
     t1 = tracker.token()  # read after the write: reflects it, but not recorded clean
     arr = arrays.crash()
     tracker = arr.tracker("a")
-    for token in (t0, t1):
+    for token, why in ((t0, "data was written"), (t1, "unclean shutdown")):
         result = tracker.check(token)
         assert not result.intact
-        assert "unclean shutdown" in result.reason
+        assert why in result.reason
     assert tracker.token() not in {t0, t1}
     assert not tracker.dirty  # recovery records the new epoch at once
 
@@ -700,7 +715,8 @@ def test_repeated_crashes_never_reuse_an_epoch(arrays: Arrays) -> None:
         token = arr.tracker("a").token()
         assert token not in seen
         seen.add(token)
-    assert arr.tracker("a").state.epoch == 6
+    epochs = [e for e, _ in arr.tracker("a").state.history] + [arr.tracker("a").state.epoch]
+    assert len(set(epochs)) == len(epochs) == 11  # creation, then a write and a crash, 5 times
 
 
 def test_checkpoint_waits_for_idle(tmp_path: Path) -> None:
@@ -774,8 +790,9 @@ def _after_tamper(arrays: Arrays, token: str, field_name: str) -> None:
     assert "backing file changed while the array was down" in result.reason
     assert field_name in result.reason
     # The change map cannot know where: it covers everything.
-    assert tracker.hold("job").changes is not None
-    assert tracker.hold("job").changes.extents() == [ChangedExtent(0, MiB)]
+    changes = tracker.hold("job").changes
+    assert changes is not None
+    assert changes.extents() == [ChangedExtent(0, MiB)]
     # The new stamp is recorded: no second alarm without a second change.
     new = tracker.token()
     arr = arrays.restart()

@@ -15,6 +15,11 @@ equal the model's exactly: the regions touched since the hold was acquired,
 or everything after a crash of a dirty LUN.  Restarts may come with a backing
 file changed behind the array's back (a byte appended, or the file replaced by
 a copy), which must change the state (C5).
+
+Every backend sits on a :class:`PowerLossBackend`, and a power loss drops every
+write no completed flush covers before the crash.  Data that goes back to an
+older content is a change (``must``); and a LUN recorded clean must have had
+nothing unflushed to lose, or the durability protocol is broken.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from lunseal.engine.array import Array
+from lunseal.engine.layers import PowerLossBackend
 from lunseal.engine.state import MODES
 from lunseal.errors import Conflict, NotFound
 from tests.support.arrays import abandon
@@ -103,6 +109,13 @@ class StateModel(RuleBasedStateMachine):
         for number, name in enumerate(LUN_NAMES):
             self.array.create_lun(name, INITIAL_SIZE, number=number)
             self.model[name] = ModelLun(next(_identities), INITIAL_SIZE, number)
+        self.volatile()
+
+    def volatile(self) -> None:
+        """Put every LUN's backend on a volatile cache that a power loss empties."""
+        for lun in self.arr.luns():
+            if not isinstance(lun.backend, PowerLossBackend):
+                lun.backend = PowerLossBackend(lun.backend)
 
     def teardown(self) -> None:
         if self.array is not None:
@@ -282,8 +295,25 @@ class StateModel(RuleBasedStateMachine):
             m.dirty = False
         self.look(look)
 
-    def restart(self, *, crash: bool, tamper: str | None, victim: str, look: bool) -> None:
+    def restart(
+        self,
+        *,
+        crash: bool,
+        tamper: str | None,
+        victim: str,
+        look: bool,
+        power_loss: bool = False,
+    ) -> None:
         path = Path(self.arr.lun(victim).record.path)
+        if power_loss:
+            for name, m in self.model.items():
+                layer = self.arr.lun(name).backend
+                assert isinstance(layer, PowerLossBackend)
+                dropped = layer.power_loss()
+                # Recorded clean means flushed: nothing may be lost from a clean LUN.
+                assert not dropped or m.dirty, f"LUN {name} was clean with unflushed writes"
+                if dropped:
+                    m.must += 1  # the data went back: tokens issued since must not match
         if crash:
             abandon(self.arr)
         else:
@@ -297,6 +327,7 @@ class StateModel(RuleBasedStateMachine):
             shutil.copy2(path, copy)
             os.replace(copy, path)
         self.array = Array.open(self.dir)
+        self.volatile()
         for name, m in self.model.items():
             tampered = tamper is not None and name == victim
             if tampered:
@@ -328,6 +359,11 @@ class StateModel(RuleBasedStateMachine):
         """kill -9 (see :func:`abandon`) and open."""
         self.restart(crash=True, tamper=tamper, victim=victim, look=look)
 
+    @rule(look=st.booleans(), victim=st.sampled_from(LUN_NAMES))
+    def power_loss(self, look: bool, victim: str) -> None:
+        """The power fails: unflushed writes are lost, then the array starts again."""
+        self.restart(crash=True, tamper=None, victim=victim, look=look, power_loss=True)
+
     @rule(name=st.sampled_from(LUN_NAMES))
     def delete_and_recreate(self, name: str) -> None:
         """Same name, same number, same size: a new LUN all the same."""
@@ -335,6 +371,7 @@ class StateModel(RuleBasedStateMachine):
         self.arr.delete_lun(name)
         self.arr.create_lun(name, INITIAL_SIZE, number=m.number)
         self.model[name] = ModelLun(next(_identities), INITIAL_SIZE, m.number)
+        self.volatile()
 
     # -- invariants -----------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ validation or handler runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from lunseal.api.models import (
 from lunseal.api.state_routes import install_state_routes
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
+from lunseal.engine.sqlite_guard import catalog_error
 from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
 from lunseal.nbd.server import NbdServer
 from lunseal.units import parse_size
@@ -47,7 +50,10 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
     404: {"model": ErrorBody, "description": "no such LUN"},
     409: {"model": ErrorBody, "description": "conflict (name or number taken, LUN in use)"},
+    503: {"model": ErrorBody, "description": "the catalog failed (e.g. its disk is full); retry"},
 }
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,7 +121,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = ErrorBody(error=code, message=message).model_dump()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
+    async def on_sqlite_error(request: Request, exc: Exception) -> JSONResponse:
+        # A catalog path that does not translate its errors still answers 503.
+        assert isinstance(exc, sqlite3.Error)
+        log.error("%s %s: catalog failure: %s", request.method, request.url.path, exc)
+        return _error_response(catalog_error(exc))
+
     app.add_exception_handler(LunsealError, on_lunseal_error)
+    app.add_exception_handler(sqlite3.Error, on_sqlite_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 

@@ -31,7 +31,8 @@ class StateInfo(BaseModel):
     lun_uuid: str
     tracking: bool
     mode: str
-    epoch: int
+    epoch: str = Field(description="random per busy period and recovery; opaque")
+    clean: bool = Field(description="the exact state is recorded (no change since)")
     holds: list[str]
     token: str | None = Field(description="current token; null while tracking is off")
     epoch_reason: str = Field(description="why the epoch last changed (empty: never)")

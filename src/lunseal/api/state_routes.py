@@ -32,6 +32,7 @@ def hold_info(hold: Hold) -> HoldInfo:
 
 
 def state_info(tracker: StateTracker) -> StateInfo:
+    token = tracker.token() if tracker.tracking else None  # may move to a new epoch first
     s = tracker.state
     return StateInfo(
         lun=tracker.lun.name,
@@ -39,8 +40,9 @@ def state_info(tracker: StateTracker) -> StateInfo:
         tracking=tracker.tracking,
         mode=s.mode,
         epoch=s.epoch,
+        clean=s.clean,
         holds=list(tracker.holds),
-        token=tracker.token() if tracker.tracking else None,
+        token=token,
         epoch_reason=s.epoch_reason,
     )
 
@@ -60,7 +62,10 @@ def install_state_routes(app: FastAPI, array: Array) -> None:
 
     @app.post("/v1/luns/{name}/state/check", response_model=CheckOutcome, tags=["state"])
     async def check_token(name: str, body: TokenCheck) -> CheckOutcome:
-        """Compare a token with the LUN's state: intact or changed, and why."""
+        """Compare a token with the LUN's state: intact or changed, and why.
+
+        A string that is not a token at all is a 400; a token of another LUN or
+        epoch is "changed"."""
         result = array.tracker(name).check(body.token)
         return CheckOutcome(
             lun=name,

@@ -73,7 +73,8 @@ def check(
     lun: str = typer.Argument(..., help="LUN name"),
     token: str = typer.Argument(..., help="a token printed earlier by enable or get"),
 ) -> None:
-    """Is the LUN unchanged since TOKEN? Exit 0 intact, 1 changed; prints why."""
+    """Is the LUN unchanged since TOKEN? Exit 0 intact, 1 changed (prints why),
+    2 when TOKEN is not a state token at all."""
     with client(ctx) as api:
         outcome = api.check_token(lun, token)
     emit(ctx, outcome, lambda: console.print(f"{outcome.result}: {outcome.reason}"))

@@ -117,13 +117,18 @@ class Array:
             self._identities[rec.uuid] = backend.identity
             self._attach_tracker(lun)
 
-    def _attach_tracker(self, lun: Lun) -> StateTracker:
-        """Hook state tracking into the LUN's change gate; recover its state."""
+    def _attach_tracker(self, lun: Lun, *, recover: bool = True) -> StateTracker:
+        """Hook state tracking into the LUN's change gate; recover its state.
+
+        A re-pointed LUN skips recovery: the re-point itself gives the new epoch,
+        with the reason the user needs to see.
+        """
         store = self.catalog.states
         uuid = lun.record.uuid
         state = store.load_state(uuid) or LunState(uuid)
         tracker = StateTracker(lun, store, state, store.load_holds(uuid))
-        tracker.recover()
+        if recover:
+            tracker.recover()
         self._trackers[uuid] = tracker
         return tracker
 
@@ -208,12 +213,17 @@ class Array:
 
     def checkpoint(self, idle: float) -> None:
         """Record the exact state of every LUN whose changes have been idle ``idle`` s."""
-        self.mirrors.checkpoint(idle)
+        # One LUN's failure must not keep the others dirty; the caller logs and retries.
+        first: LunsealError | None = None
         for tracker in self._trackers.values():
             try:
                 tracker.checkpoint(idle)
-            except BackendError as exc:
-                log.error("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
+            except LunsealError as exc:
+                log.debug("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
+                first = first or exc
+        self.mirrors.checkpoint(idle)
+        if first is not None:
+            raise first
 
     def close(self) -> None:
         """Flush every LUN, record a clean shutdown and release the data directory."""
@@ -426,7 +436,7 @@ class Array:
         lun.backend = backend
         lun.unavailable = ""
         self._identities[lun.record.uuid] = backend.identity
-        tracker = self._trackers.get(lun.record.uuid) or self._attach_tracker(lun)
+        tracker = self._trackers.get(lun.record.uuid) or self._attach_tracker(lun, recover=False)
         # The state changes (durably) before the catalog points at the new file:
         # a crash in between reports "changed", never a false "intact".
         tracker.repointed(f"the LUN was re-pointed from {old_path} to {backend.path}")

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror_store import SqliteMirrorStore
-from lunseal.engine.state_store import SqliteStateStore
+from lunseal.engine.sqlite_guard import guarded
+from lunseal.engine.state_store import SqliteStateStore, migrate_epochs_to_text
 from lunseal.errors import LunsealError
 
-SCHEMA_VERSION = 1
+#: 2: state epochs are random text with a history (schema 1 counted them).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -58,23 +60,27 @@ class Catalog:
         with self._db:
             self._db.executescript(_SCHEMA)
             found = self.get_meta("schema_version")
-            if found is None:
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
-            elif int(found) > SCHEMA_VERSION:
+            if found is not None and int(found) > SCHEMA_VERSION:
                 raise LunsealError(
                     f"catalog {self.path} has schema version {found}, newer than this "
                     f"lunseal ({SCHEMA_VERSION}); upgrade lunseal"
                 )
+            if found is not None and int(found) < 2:
+                migrate_epochs_to_text(self._db)
+            if found != str(SCHEMA_VERSION):
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def close(self) -> None:
         self._db.close()
 
     # -- meta ---------------------------------------------------------------
 
+    @guarded
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    @guarded
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -84,10 +90,12 @@ class Catalog:
 
     # -- LUNs -----------------------------------------------------------------
 
+    @guarded
     def luns(self) -> list[LunRecord]:
         rows = self._db.execute(f"SELECT {_LUN_COLUMNS} FROM luns ORDER BY number").fetchall()
         return [_record(row) for row in rows]
 
+    @guarded
     def insert_lun(self, rec: LunRecord) -> None:
         self._db.execute(
             f"INSERT INTO luns ({_LUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -104,12 +112,14 @@ class Catalog:
             ),
         )
 
+    @guarded
     def update_lun(self, rec: LunRecord) -> None:
         self._db.execute(
             "UPDATE luns SET name = ?, number = ?, size = ?, read_only = ? WHERE uuid = ?",
             (rec.name, rec.number, rec.size, int(rec.read_only), rec.uuid),
         )
 
+    @guarded
     def update_lun_backing(self, rec: LunRecord) -> None:
         """A LUN re-pointed at another backing file."""
         self._db.execute(
@@ -117,6 +127,7 @@ class Catalog:
             (rec.path, int(rec.owned), rec.size, rec.uuid),
         )
 
+    @guarded
     def delete_lun(self, uuid: str) -> None:
         self._db.execute("DELETE FROM luns WHERE uuid = ?", (uuid,))
 

@@ -139,3 +139,48 @@ class FaultyBackend(Layer):
     def flush(self) -> None:
         self._check("flush")
         self.inner.flush()
+
+
+class PowerLossBackend(Layer):
+    """Simulates a power loss for tests: :meth:`power_loss` drops every change
+    that no completed flush covers, as a disk with a volatile cache would.
+
+    Before each change the bytes it will overwrite are saved; a completed flush
+    forgets them.  Size changes are kept (they are not data writes)."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self._undo: list[tuple[int, bytes]] = []
+
+    @property
+    def unflushed(self) -> int:
+        return len(self._undo)
+
+    def _save(self, offset: int, length: int) -> None:
+        length = max(0, min(length, self.inner.size - offset))
+        if length:
+            self._undo.append((offset, self.inner.read(offset, length)))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._save(offset, len(data))
+        self.inner.write(offset, data)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._save(offset, length)
+        self.inner.trim(offset, length)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
+        self._save(offset, length)
+        self.inner.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+
+    def flush(self) -> None:
+        self.inner.flush()
+        self._undo.clear()  # only once the flush has completed
+
+    def power_loss(self) -> int:
+        """Put back what the unflushed changes overwrote; returns how many were dropped."""
+        dropped = len(self._undo)
+        for offset, old in reversed(self._undo):
+            self.inner.write(offset, old)
+        self._undo.clear()
+        return dropped

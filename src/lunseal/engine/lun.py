@@ -24,6 +24,8 @@ MAX_LUN_NUMBER = 16383  # the SAM flat-space addressing limit, for a later iSCSI
 
 #: Called as ``listener(lun, offset, length)`` when a change is accepted.
 ChangeListener = Callable[["Lun", int, int], None]
+#: Called as ``hook(lun)`` once the backend has made a change (or failed to).
+ChangeDone = Callable[["Lun"], None]
 
 
 def validate_name(name: str) -> str:
@@ -90,6 +92,9 @@ class Lun:
     backend: Backend
     users: set[LunUser] = field(default_factory=set)
     listeners: list[ChangeListener] = field(default_factory=list)
+    #: After each change the backend made: the state tracker notes the backing
+    #: file's stamp, so a change by another process shows later.
+    change_done: list[ChangeDone] = field(default_factory=list)
     stats: LunStats = field(default_factory=LunStats)
     #: Why hosts may not write this LUN right now besides its read-only flag
     #: (e.g. it is the target of a synchronised mirror), by owner.
@@ -149,6 +154,10 @@ class Lun:
         for listener in self.listeners:
             listener(self, offset, length)
 
+    def _done(self) -> None:
+        for hook in self.change_done:
+            hook(self)
+
     # -- data path ------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
@@ -172,7 +181,10 @@ class Lun:
         self._accept_change(offset, length)
         self.stats.writes += 1
         self.stats.bytes_written += length
-        self.backend.write(offset, data)
+        try:
+            self.backend.write(offset, data)
+        finally:
+            self._done()  # also after a failure: the file may have changed partly
         if fua:
             self.backend.flush()
 
@@ -180,7 +192,10 @@ class Lun:
         self._check_write(offset, length)
         self._accept_change(offset, length)
         self.stats.trims += 1
-        self.backend.trim(offset, length)
+        try:
+            self.backend.trim(offset, length)
+        finally:
+            self._done()
         if fua:
             self.backend.flush()
 
@@ -198,7 +213,10 @@ class Lun:
         # reporting "changed" for data that did not change is the safe direction.
         self._accept_change(offset, length)
         self.stats.zeroes += 1
-        self.backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+        try:
+            self.backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+        finally:
+            self._done()
         if fua:
             self.backend.flush()
 
@@ -209,12 +227,18 @@ class Lun:
     def array_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
         self._accept_change(offset, len(data))
-        self.backend.write(offset, data)
+        try:
+            self.backend.write(offset, data)
+        finally:
+            self._done()
 
     def array_zero(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
         self._accept_change(offset, length)
-        self.backend.zero(offset, length, may_trim=True, fast_only=False)
+        try:
+            self.backend.zero(offset, length, may_trim=True, fast_only=False)
+        finally:
+            self._done()
 
     def flush(self) -> None:
         self.stats.flushes += 1
@@ -240,7 +264,10 @@ class Lun:
             )
         old = self.record.size
         self._accept_change(old, new_size - old)
-        self.backend.resize(new_size)
+        try:
+            self.backend.resize(new_size)
+        finally:
+            self._done()
         self.record = self.record.with_changes(size=new_size)
 
     def revoke_users(self, reason: str) -> None:

@@ -13,19 +13,28 @@ from collections.abc import Iterable
 
 from lunseal.engine.backend import FileStamp
 from lunseal.engine.changemap import ChangeMap
+from lunseal.engine.sqlite_guard import guarded
 from lunseal.engine.state import Hold, LunState
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS lun_state (
-    lun_uuid     TEXT PRIMARY KEY,
-    mode         TEXT NOT NULL,
-    epoch        INTEGER NOT NULL,
-    value        TEXT NOT NULL,
-    flag         INTEGER NOT NULL,
-    clean        INTEGER NOT NULL,
-    stamp        TEXT,
-    epoch_reason TEXT NOT NULL
+# Epochs are text: random hex since schema 2, decimal counters before it (a
+# column of INTEGER affinity would turn an all-digit hex epoch into a number).
+_LUN_STATE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    lun_uuid      TEXT PRIMARY KEY,
+    mode          TEXT NOT NULL,
+    epoch         TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    flag          INTEGER NOT NULL,
+    clean         INTEGER NOT NULL,
+    stamp         TEXT,
+    epoch_reason  TEXT NOT NULL,
+    epoch_history TEXT NOT NULL DEFAULT '[]'
 );
+"""
+
+SCHEMA = (
+    _LUN_STATE.format(name="lun_state")
+    + """
 CREATE TABLE IF NOT EXISTS holds (
     lun_uuid    TEXT NOT NULL,
     name        TEXT NOT NULL,
@@ -37,6 +46,30 @@ CREATE TABLE IF NOT EXISTS holds (
     PRIMARY KEY (lun_uuid, name)
 );
 """
+)
+
+
+def migrate_epochs_to_text(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: epochs become text (old counters keep their decimal form,
+    so tokens issued before the upgrade still check) and get a history."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lun_state'").fetchone() is None:
+        return
+    # One transaction: a crash half-way must not lose the LUNs' states.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_LUN_STATE.format(name="lun_state_v2"))
+        db.execute(
+            "INSERT INTO lun_state_v2 (lun_uuid, mode, epoch, value, flag, clean, stamp, "
+            "epoch_reason) SELECT lun_uuid, mode, CAST(epoch AS TEXT), value, flag, clean, "
+            "stamp, epoch_reason FROM lun_state"
+        )
+        db.execute("DROP TABLE lun_state")
+        db.execute("ALTER TABLE lun_state_v2 RENAME TO lun_state")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class SqliteStateStore:
@@ -45,14 +78,16 @@ class SqliteStateStore:
         with db:
             db.executescript(SCHEMA)
 
+    @guarded
     def save_state(self, state: LunState) -> None:
         stamp = None if state.stamp is None else json.dumps(state.stamp.__dict__)
         self._db.execute(
             "INSERT INTO lun_state (lun_uuid, mode, epoch, value, flag, clean, stamp, "
-            "epoch_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(lun_uuid) DO UPDATE SET "
+            "epoch_reason, epoch_history) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(lun_uuid) DO UPDATE SET "
             "mode = excluded.mode, epoch = excluded.epoch, value = excluded.value, "
             "flag = excluded.flag, clean = excluded.clean, stamp = excluded.stamp, "
-            "epoch_reason = excluded.epoch_reason",
+            "epoch_reason = excluded.epoch_reason, epoch_history = excluded.epoch_history",
             (
                 state.lun_uuid,
                 state.mode,
@@ -62,29 +97,33 @@ class SqliteStateStore:
                 int(state.clean),
                 stamp,
                 state.epoch_reason,
+                json.dumps(state.history),
             ),
         )
 
+    @guarded
     def load_state(self, lun_uuid: str) -> LunState | None:
         row = self._db.execute(
-            "SELECT mode, epoch, value, flag, clean, stamp, epoch_reason FROM lun_state "
-            "WHERE lun_uuid = ?",
+            "SELECT mode, epoch, value, flag, clean, stamp, epoch_reason, epoch_history "
+            "FROM lun_state WHERE lun_uuid = ?",
             (lun_uuid,),
         ).fetchone()
         if row is None:
             return None
-        mode, epoch, value, flag, clean, stamp, reason = row
+        mode, epoch, value, flag, clean, stamp, reason, history = row
         return LunState(
             lun_uuid=lun_uuid,
             mode=str(mode),
-            epoch=int(epoch),
+            epoch=str(epoch),
             value=int(value),
             flag=bool(flag),
             clean=bool(clean),
             stamp=None if stamp is None else FileStamp(**json.loads(stamp)),
             epoch_reason=str(reason),
+            history=[(str(e), str(r)) for e, r in json.loads(history)],
         )
 
+    @guarded
     def save_hold(self, lun_uuid: str, hold: Hold) -> None:
         changes = hold.changes
         self._db.execute(
@@ -101,9 +140,11 @@ class SqliteStateStore:
             ),
         )
 
+    @guarded
     def delete_hold(self, lun_uuid: str, name: str) -> None:
         self._db.execute("DELETE FROM holds WHERE lun_uuid = ? AND name = ?", (lun_uuid, name))
 
+    @guarded
     def save_change_maps(self, lun_uuid: str, holds: Iterable[Hold]) -> None:
         rows = [
             (h.changes.size, h.changes.to_blob(), lun_uuid, h.name)
@@ -116,6 +157,7 @@ class SqliteStateStore:
                     "UPDATE holds SET map_size = ?, map = ? WHERE lun_uuid = ? AND name = ?", rows
                 )
 
+    @guarded
     def load_holds(self, lun_uuid: str) -> dict[str, Hold]:
         rows = self._db.execute(
             "SELECT name, created_at, token, granularity, map_size, map FROM holds "
@@ -130,6 +172,7 @@ class SqliteStateStore:
             holds[str(name)] = Hold(str(name), float(created_at), str(token), changes)
         return holds
 
+    @guarded
     def delete_lun(self, lun_uuid: str) -> None:
         with self._db:
             self._db.execute("DELETE FROM holds WHERE lun_uuid = ?", (lun_uuid,))
