@@ -70,12 +70,13 @@ class MirrorSet:
         return sorted(self._mirrors.values(), key=lambda m: m.record.created_at)
 
     def get(self, name: str) -> Mirror:
-        """By mirror name, or by the name of its target LUN."""
+        """By mirror name, by its id (what ``mirror status --json`` prints), or by
+        the name of its target LUN."""
         found = self._mirrors.get(name) or next(
-            (m for m in self._mirrors.values() if m.target.name == name), None
+            (m for m in self._mirrors.values() if name in (m.record.id, m.target.name)), None
         )
         if found is None:
-            raise NotFound(f"no mirror named {name!r} (nor one with target LUN {name!r})")
+            raise NotFound(f"no mirror named {name!r} (nor one with that id or target LUN)")
         return found
 
     def of_lun(self, lun: Lun) -> list[Mirror]:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from pathlib import Path
 from typing import cast
 
@@ -62,7 +63,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         _enlarge_socket_buffers(transport)
         sock = transport.get_extra_info("socket")
         self._sock_fd = sock.fileno() if sock is not None else -1
-        self.peer = str(transport.get_extra_info("peername") or "unix")
+        self.peer = str(transport.get_extra_info("peername") or _unix_peer(sock))
         self.server.connections.add(self)
         self.transport.write(self.codec.greeting())
         log.debug("NBD connection from %s", self.peer)
@@ -279,3 +280,12 @@ class NbdServer:
             await server.wait_closed()
         if self.unix_path is not None:
             self.unix_path.unlink(missing_ok=True)
+
+
+def _unix_peer(sock: socket.socket | None) -> str:
+    """The process behind a Unix-socket connection ("unix pid N"), for "in use by" messages."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12) if sock else b""
+        return f"unix pid {struct.unpack('3i', creds)[0]}"
+    except (OSError, struct.error):
+        return "unix"
