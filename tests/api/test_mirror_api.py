@@ -364,8 +364,8 @@ def test_delete_keeps_both_luns_and_frees_the_target(
     assert nbd_write(api_daemon, dst, 0, b"target only") == 0
     assert nbd_write(api_daemon, src, 0, b"source only") == 0
     assert nbd_read(api_daemon, dst, 0, 11) == b"target only"
-    # Both are free for new mirrors again.
-    create_mirror(http, src, dst)
+    # Both are free for new mirrors again (dst holds data: with force).
+    create_mirror(http, src, dst, force=True)
 
 
 # -- guards, lookup by id, what a copy will move ----------------------------------------------

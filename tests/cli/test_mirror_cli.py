@@ -280,7 +280,9 @@ def test_delete_keeps_both_luns(cli_daemon: Daemon, names: Names) -> None:
         assert dst not in {m.name for m in api.list_mirrors()}
     assert nbd_write(cli_daemon, dst, 0, b"writable again") == 0
 
-    ok(cli_daemon, "mirror", "create", src, dst)
+    # dst holds data now: a new mirror over it must be asked for.
+    one_line_error(cli(cli_daemon, "mirror", "create", src, dst), 4)
+    ok(cli_daemon, "mirror", "create", src, dst, "--force")
     assert ok_json(cli_daemon, "mirror", "delete", dst) is None
 
 

@@ -40,16 +40,6 @@ def mirror_info(m: Mirror) -> MirrorInfo:
     )
 
 
-def refuse_if_holds_data(target: Lun) -> None:
-    """A new mirror's first sync overwrites the whole target: not silently over data."""
-    data = next((e for e in target.backend.extents(0, target.size) if not e.zero), None)
-    if data is not None:
-        raise Conflict(
-            f"target LUN {target.name} is not empty (data at byte {data.offset}): the mirror "
-            "would overwrite it; use force to do it anyway"
-        )
-
-
 def refuse_if_connected(lun: Lun, what: str) -> None:
     if lun.users:
         raise Conflict(
@@ -72,10 +62,8 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
                 raise NotFound(f"no LUN named {body.target!r} (use create_target to create it)")
             target = array.create_lun(body.target, source.size)
             created = True
-        elif not body.force:
-            refuse_if_holds_data(target)
         try:
-            mirror = mirrors.create(source, target, body.name)
+            mirror = mirrors.create(source, target, body.name, require_empty=not body.force)
         except LunsealError:
             if created:  # a refused mirror leaves no LUN behind that the caller did not ask for
                 array.delete_lun(target.name, force=True)

@@ -48,6 +48,7 @@ _CHUNK_HEADER = struct.Struct("<7sBI")
 _CHUNK_MAGIC = b"LSCHUNK"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+_NAME_LIKE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _utcnow() -> datetime:
@@ -380,8 +381,10 @@ class Repository:
 
     def manifest(self, backup_id: str) -> Manifest:
         if not _ID_RE.match(backup_id):
-            # No backup can have such an id: it is not there (exit 3), not a bad request.
-            raise NotFound(f"no backup {backup_id!r} in the archive (not a backup id)")
+            if not _NAME_LIKE_RE.fullmatch(backup_id):  # a path, or worse: a bad request
+                raise InvalidArgument(f"invalid backup id {backup_id!r}")
+            # A plain word no backup has ("nope"): simply not there (exit 3).
+            raise NotFound(f"no backup {backup_id} in the archive")
         try:
             raw = self.storage.get(manifest_key(backup_id))
         except NotFound:

@@ -215,7 +215,7 @@ def run_restore(
     if plan.uses_mirror() and _reverse_resync(plan.backup, plan.dest):
         _check_mirror(api, plan, log, progress)
     if plan.archive_chunks:
-        _prevalidate(repo, plan, progress)  # never write from a damaged archive
+        _prevalidate(repo, plan.backup, plan.archive_chunks, progress)  # never from damage
     if plan.uses_mirror():
         _from_mirror(api, repo, plan, log, progress)
     if plan.archive_chunks:
@@ -280,14 +280,13 @@ def _mismatches(
     return bad
 
 
-def _prevalidate(repo: Repository, plan: RestorePlan, progress: ProgressFn) -> None:
-    m = plan.backup
-    total, done = plan.archive_bytes, 0
-    for i in plan.archive_chunks:
-        if m.chunks[i] is not None:
-            repo.read_backup_chunk(m, i)  # raises ArchiveCorrupt naming chunk and backups
-            done += m.chunk_length(i)
-            progress("checking archive", done, total)
+def _prevalidate(repo: Repository, m: Manifest, chunks: list[int], progress: ProgressFn) -> None:
+    stored = [i for i in chunks if m.chunks[i] is not None]  # zero chunks are not stored
+    total, done = sum(m.chunk_length(i) for i in stored), 0
+    for i in stored:
+        repo.read_backup_chunk(m, i)  # raises ArchiveCorrupt naming chunk and backups
+        done += m.chunk_length(i)
+        progress("checking archive", done, total)
 
 
 def _from_mirror(
@@ -309,7 +308,7 @@ def _from_mirror(
         )
         plan.mirror_mismatches = bad
         plan.take_from_archive(bad)
-        _prevalidate(repo, plan, progress)
+        _prevalidate(repo, m, bad, progress)
 
 
 def _copy_checked(api: ArrayClient, plan: RestorePlan, progress: ProgressFn) -> list[int]:
