@@ -14,7 +14,7 @@ import pytest
 
 from lunseal.archive import Repository
 from lunseal.backup.common import Log
-from lunseal.backup.restore import plan_restore, run_restore
+from lunseal.backup.restore import VerifyFailed, plan_restore, run_restore
 from tests.backup import (
     MiB,
     backup,
@@ -173,3 +173,38 @@ def test_a_lun_hosts_use_is_not_rewritten_without_force(
         assert done["steps"][-1].startswith("verified: LUN app equals backup")
         host.command("read 0 4096")  # the host is still served
     assert equals(daemon, "app", saved)
+
+
+def test_a_chunk_that_stays_wrong_fails_the_restore(
+    daemon: Daemon, archive: Path, taken: tuple[str, Path]
+) -> None:
+    """If even the chunk rewritten from the archive reads back wrong (here: the
+    destination's own file is written behind the array's back right after), the
+    restore fails naming it; it never reports success with the wrong data."""
+    backup_id, _ = taken
+    write(daemon, "app", 3 * MiB, 64 * 1024, 0x11)
+    with daemon.client() as api:
+        copy, dest = Path(api.show_lun("app-copy").path), Path(api.show_lun("app").path)
+    struck: list[str] = []
+
+    def progress(what: str, done: int, total: int) -> None:
+        if done < total:
+            return
+        if what == "check disk copy" and not struck:
+            bypass_write(copy, 3 * MiB, 4096)  # lands on app through the reverse resync
+            struck.append(what)
+        elif what == "restore app" and struck == ["check disk copy"]:
+            bypass_write(dest, 3 * MiB, 4096)  # and again after the repair
+            struck.append(what)
+
+    log = Log(say=lambda m: None)
+    with daemon.client() as api:
+        repo = Repository.open_local(archive)
+        plan = plan_restore(api, repo, backup_id)
+        with pytest.raises(VerifyFailed) as failed:
+            run_restore(api, repo, plan, log=log, progress=progress)
+    assert struck == ["check disk copy", "restore app"]
+    assert failed.value.exit_code != 0
+    assert "LUN app differs from backup" in failed.value.message
+    assert f"chunk 3 (bytes {3 * MiB}-{4 * MiB - 1})" in failed.value.message
+    assert not any(s.startswith("verified:") for s in log.steps)

@@ -16,6 +16,7 @@ data or fails (exit non-zero) saying where it differs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ MIRROR, ARCHIVE, HYBRID = "mirror", "archive", "hybrid"
 #: --verify-mirror: check the chunks the mirror will copy, or every chunk of the copy.
 VERIFY_COPIED, VERIFY_FULL = "copied", "full"
 VERIFY_CONNECTIONS = 2
+#: How often (and how far apart) the destination's connections are looked at.
+IN_USE_CHECKS, IN_USE_INTERVAL = 10, 0.1
 _SOURCES = {
     MIRROR: "from the mirror",
     ARCHIVE: "from the archive",
@@ -225,8 +228,16 @@ def run_restore(
 
 
 def _refuse_if_in_use(api: ArrayClient, plan: RestorePlan) -> None:
+    if plan.force:
+        return
     info = api.show_lun(plan.dest)
-    if info.connections and not plan.force:
+    # A client that has just disconnected may take a moment to be gone: look a few times.
+    for _ in range(IN_USE_CHECKS - 1):
+        if not info.connections:
+            return
+        time.sleep(IN_USE_INTERVAL)
+        info = api.show_lun(plan.dest)
+    if info.connections:
         raise Conflict(
             f"LUN {plan.dest} is in use by {info.connections} host connection(s) "
             f"({', '.join(info.clients) or 'unknown peers'}): a restore rewrites it under "
