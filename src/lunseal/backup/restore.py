@@ -16,6 +16,7 @@ data or fails (exit non-zero) saying where it differs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -389,6 +390,7 @@ def find_differences(api: ArrayClient, m: Manifest, lun: str, progress: Progress
     """
     uri = nbd_uri(api, lun)
     done = [0]
+    lock = threading.Lock()  # one figure, in order: a stale one would redraw a finished bar
 
     def part(k: int) -> list[int]:
         indexes = range(k, len(m.chunks), VERIFY_CONNECTIONS)
@@ -398,8 +400,9 @@ def find_differences(api: ArrayClient, m: Manifest, lun: str, progress: Progress
             for o, d in nbd.read_ranges(ranges):
                 if not _matches(m, o, d):
                     bad.append(o // m.chunk_size)
-                done[0] += len(d)  # one int store: safe enough for a progress figure
-                progress(f"verify {lun}", done[0], m.size)
+                with lock:
+                    done[0] += len(d)
+                    progress(f"verify {lun}", done[0], m.size)
         return bad
 
     with ThreadPoolExecutor(VERIFY_CONNECTIONS) as pool:
