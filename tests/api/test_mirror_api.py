@@ -452,3 +452,16 @@ def test_a_target_hosts_cannot_write_shows_as_read_only_with_the_reason(
     assert (lun["read_only"], lun["read_only_reason"]) == (False, "")
     source = http.get(f"/v1/luns/{src}").json()
     assert (source["read_only"], source["read_only_reason"]) == (False, "")
+
+
+def test_clients_name_tcp_peers_by_address_and_port(
+    http: httpx.Client, api_daemon: Daemon, names: Names
+) -> None:
+    lun = names("busy")
+    create_lun(http, lun)
+    host, port = api_daemon.tcp.rsplit(":", 1)
+    with NbdClient.connect((host, int(port))) as nbd:
+        nbd.connect_export(lun)
+        local_port = nbd.sock.getsockname()[1]
+        assert http.get(f"/v1/luns/{lun}").json()["clients"] == [f"127.0.0.1:{local_port}"]
+        nbd.disconnect()

@@ -63,7 +63,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         _enlarge_socket_buffers(transport)
         sock = transport.get_extra_info("socket")
         self._sock_fd = sock.fileno() if sock is not None else -1
-        self.peer = str(transport.get_extra_info("peername") or _unix_peer(sock))
+        self.peer = _peer_name(transport.get_extra_info("peername"), sock)
         self.server.connections.add(self)
         self.transport.write(self.codec.greeting())
         log.debug("NBD connection from %s", self.peer)
@@ -282,8 +282,14 @@ class NbdServer:
             self.unix_path.unlink(missing_ok=True)
 
 
-def _unix_peer(sock: socket.socket | None) -> str:
-    """The process behind a Unix-socket connection ("unix pid N"), for "in use by" messages."""
+def _peer_name(peername: object, sock: socket.socket | None) -> str:
+    """The peer as logs and "in use by" messages show it: "127.0.0.1:41234", or for a
+    Unix socket the process behind it ("unix pid N")."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = f"[{peername[0]}]" if ":" in str(peername[0]) else peername[0]
+        return f"{host}:{peername[1]}"
+    if peername:
+        return str(peername)
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12) if sock else b""
         return f"unix pid {struct.unpack('3i', creds)[0]}"
