@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
+from lunseal.api.mirror_models import (
+    MirrorCreate,
+    MirrorInfo,
+    MirrorRegions,
+    MirrorRestore,
+    MirrorSplit,
+)
 from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunRepoint, LunUpdate
 from lunseal.api.state_models import (
     ChangesInfo,
@@ -170,9 +176,17 @@ class ArrayClient:
     # -- mirrors ----------------------------------------------------------------------
 
     def create_mirror(
-        self, source: str, target: str, *, name: str | None = None, create_target: bool = False
+        self,
+        source: str,
+        target: str,
+        *,
+        name: str | None = None,
+        create_target: bool = False,
+        force: bool = False,
     ) -> MirrorInfo:
-        body = MirrorCreate(source=source, target=target, name=name, create_target=create_target)
+        body = MirrorCreate(
+            source=source, target=target, name=name, create_target=create_target, force=force
+        )
         response = self._call("POST", "/v1/mirrors", json=body.model_dump(exclude_none=True))
         return MirrorInfo.model_validate(response.json())
 
@@ -191,9 +205,14 @@ class ArrayClient:
         response = self._call("POST", f"/v1/mirrors/{_quote(name)}/resync")
         return MirrorInfo.model_validate(response.json())
 
-    def restore_mirror(self, name: str) -> MirrorInfo:
-        response = self._call("POST", f"/v1/mirrors/{_quote(name)}/restore")
+    def restore_mirror(self, name: str, *, force: bool = False) -> MirrorInfo:
+        body = MirrorRestore(force=force).model_dump()
+        response = self._call("POST", f"/v1/mirrors/{_quote(name)}/restore", json=body)
         return MirrorInfo.model_validate(response.json())
+
+    def mirror_regions(self, name: str) -> MirrorRegions:
+        """The regions the mirror's next resync or restore would copy."""
+        return self._get(MirrorRegions, f"/v1/mirrors/{_quote(name)}/regions")
 
     def delete_mirror(self, name: str) -> None:
         self._call("DELETE", f"/v1/mirrors/{_quote(name)}")

@@ -364,5 +364,104 @@ def test_delete_keeps_both_luns_and_frees_the_target(
     assert nbd_write(api_daemon, dst, 0, b"target only") == 0
     assert nbd_write(api_daemon, src, 0, b"source only") == 0
     assert nbd_read(api_daemon, dst, 0, 11) == b"target only"
-    # Both are free for new mirrors again.
-    create_mirror(http, src, dst)
+    # Both are free for new mirrors again (dst holds data: with force).
+    create_mirror(http, src, dst, force=True)
+
+
+# -- guards, lookup by id, what a copy will move ----------------------------------------------
+
+
+def test_create_over_a_target_holding_data_needs_force(
+    http: httpx.Client, api_daemon: Daemon, names: Names
+) -> None:
+    src, dst = names("src"), names("dst")
+    create_lun(http, src)
+    create_lun(http, dst)
+    assert nbd_write(api_daemon, dst, 2 * MiB, b"precious" * 512) == 0
+    refused = http.post("/v1/mirrors", json={"source": src, "target": dst})
+    message = assert_error(refused, 409, "conflict", f"target LUN {dst} is not empty")
+    assert f"data at byte {2 * MiB}" in message
+    assert "force" in message
+    assert dst not in {m["target"] for m in http.get("/v1/mirrors").json()}
+    assert nbd_read(api_daemon, dst, 2 * MiB, 8) == b"precious"  # untouched
+    create_mirror(http, src, dst, force=True)
+    wait_state(http, dst, "synced")
+    assert nbd_read(api_daemon, dst, 2 * MiB, 8) == bytes(8)
+
+
+def test_restore_while_hosts_use_the_source_needs_force(
+    http: httpx.Client, api_daemon: Daemon, names: Names
+) -> None:
+    src, dst = synced(http, names)
+    post(http, f"/v1/mirrors/{dst}/split")
+    assert nbd_write(api_daemon, src, 0, b"new" * 100) == 0
+    with NbdClient.connect(api_daemon.socket) as host:
+        host.connect_export(src)
+        refused = post(http, f"/v1/mirrors/{dst}/restore")
+        message = assert_error(refused, 409, "conflict", f"would rewrite LUN {src}")
+        assert "1 host connection(s)" in message
+        assert "unix pid" in message
+        assert get_mirror(http, dst)["state"] == "split"
+        lun = http.get(f"/v1/luns/{src}").json()
+        assert lun["connections"] == 1
+        assert lun["clients"][0].startswith("unix pid ")
+        forced = post(http, f"/v1/mirrors/{dst}/restore", {"force": True})
+        assert forced.status_code == 200, forced.text
+        wait_state(http, dst, "split")
+        host.disconnect()
+    assert nbd_read(api_daemon, src, 0, 300) == bytes(300)
+
+
+def test_the_id_status_prints_names_the_mirror_everywhere(http: httpx.Client, names: Names) -> None:
+    _src, dst = synced(http, names)
+    mirror_id = get_mirror(http, dst)["id"]
+    assert get_mirror(http, mirror_id)["name"] == dst
+    assert post(http, f"/v1/mirrors/{mirror_id}/split").status_code == 200
+    assert post(http, f"/v1/mirrors/{mirror_id}/resync").status_code == 200
+    wait_state(http, mirror_id, "synced")
+    assert http.delete(f"/v1/mirrors/{mirror_id}").status_code == 204
+
+
+def test_regions_name_what_the_next_copy_moves(
+    http: httpx.Client, api_daemon: Daemon, names: Names
+) -> None:
+    src, dst = synced(http, names)
+    assert http.get(f"/v1/mirrors/{dst}/regions").json() == {"granularity": G, "extents": []}
+    post(http, f"/v1/mirrors/{dst}/split", {"target_access": "rw"})
+    assert nbd_write(api_daemon, src, G + 10, b"S" * G) == 0  # regions 1 and 2
+    assert nbd_write(api_daemon, dst, 3 * MiB, b"T" * 4096) == 0
+    regions = http.get(f"/v1/mirrors/{dst}/regions").json()
+    assert regions["extents"] == [
+        {"offset": G, "length": 2 * G},
+        {"offset": 3 * MiB, "length": G},
+    ]
+
+
+def test_a_target_hosts_cannot_write_shows_as_read_only_with_the_reason(
+    http: httpx.Client, names: Names
+) -> None:
+    src, dst = synced(http, names)
+    post(http, f"/v1/mirrors/{dst}/split")
+    lun = http.get(f"/v1/luns/{dst}").json()
+    assert lun["read_only"] is True
+    assert lun["read_only_reason"] == f"it is the target of mirror {dst} (split)"
+    post(http, f"/v1/mirrors/{dst}/resync")
+    wait_state(http, dst, "synced")
+    post(http, f"/v1/mirrors/{dst}/split", {"target_access": "rw"})
+    lun = http.get(f"/v1/luns/{dst}").json()
+    assert (lun["read_only"], lun["read_only_reason"]) == (False, "")
+    source = http.get(f"/v1/luns/{src}").json()
+    assert (source["read_only"], source["read_only_reason"]) == (False, "")
+
+
+def test_clients_name_tcp_peers_by_address_and_port(
+    http: httpx.Client, api_daemon: Daemon, names: Names
+) -> None:
+    lun = names("busy")
+    create_lun(http, lun)
+    host, port = api_daemon.tcp.rsplit(":", 1)
+    with NbdClient.connect((host, int(port))) as nbd:
+        nbd.connect_export(lun)
+        local_port = nbd.sock.getsockname()[1]
+        assert http.get(f"/v1/luns/{lun}").json()["clients"] == [f"127.0.0.1:{local_port}"]
+        nbd.disconnect()

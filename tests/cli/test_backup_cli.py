@@ -3,10 +3,16 @@ argument handling and ``lunseal demo``, as real processes."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
+import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,7 @@ from tests.backup import (
     chunk_files,
     create_lun,
     equals,
+    fill_random,
     lunseal,
     lunseal_json,
     manifest_files,
@@ -139,8 +146,8 @@ def test_prune_keep_last(cli_daemon: Daemon, archive: Path, tmp_path: Path) -> N
     assert equals(cli_daemon, "pr-a", newest_content)
 
     human = lunseal(cli_daemon, archive, "backup", "prune", "--keep-last", "5").stdout
-    assert f"kept: ['{ids[2]}']" in human
-    assert "removed: []" in human
+    assert re.search(rf"^ {ids[2]} .* keep\s*$", human, re.M), human
+    assert human.splitlines()[-1].startswith("removed 0 backup(s) and 0 chunk(s), ")
 
 
 @pytest.mark.parametrize(
@@ -193,3 +200,146 @@ def test_demo(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_keeps_per_source_lun(cli_daemon: Daemon, archive: Path) -> None:
+    db1 = series(cli_daemon, archive, "pg-db1", 3)
+    other = series(cli_daemon, archive, "pg-web", 1)
+
+    plan = lunseal_json(cli_daemon, archive, "backup", "prune", "--keep-last", "2", "--dry-run")
+    assert plan["removed"] == db1[:1]  # not two of db1 to make room for web's one
+    assert set(plan["kept"]) == {*db1[1:], *other}
+    assert [(d["backup"], d["source"], d["keep"]) for d in plan["decisions"]] == [
+        (db1[0], "pg-db1", False),
+        (db1[1], "pg-db1", True),
+        (db1[2], "pg-db1", True),
+        (other[0], "pg-web", True),
+    ]
+    human = lunseal(cli_daemon, archive, "backup", "prune", "--keep-last", "2", "--dry-run").stdout
+    lines = human.splitlines()
+    cells = [re.split(r"[\s│]+", line.strip()) for line in lines]
+    assert [db1[0], "pg-db1"] == cells[2][:2]
+    assert cells[2][3:] == ["would", "remove"]
+    assert (cells[5][:2], cells[5][3:]) == ([other[0], "pg-web"], ["keep"])
+    assert lines[-1].startswith("would remove 1 backup(s) and ")
+    assert len(manifest_files(archive)) == 4
+
+    # One group only: web's single backup is never looked at.
+    only = lunseal_json(
+        cli_daemon, archive, "backup", "prune", "--keep-last", "1", "--source", "pg-db1"
+    )
+    assert (only["removed"], only["kept"]) == (db1[:2], db1[2:])
+    left = [m["id"] for m in lunseal_json(cli_daemon, archive, "backup", "list")]
+    assert left == [db1[2], other[0]]
+
+
+def test_show_of_a_missing_backup_is_not_found(cli_daemon: Daemon, archive: Path) -> None:
+    series(cli_daemon, archive, "sh-a", 1)
+    for backup_id in ("nope", "20000101T000000Z-abcdef"):
+        proc = lunseal(cli_daemon, archive, "backup", "show", backup_id, ok=False)
+        assert proc.returncode == 3, proc.stderr
+        assert "no backup" in proc.stderr
+        assert backup_id in proc.stderr
+
+
+# -- on a terminal ---------------------------------------------------------------------------
+
+
+def on_a_terminal(daemon: Daemon, archive: Path, *args: str, timeout: float = 90) -> str:
+    """Run ``lunseal ARGS`` with stdout and stderr on one pseudo-terminal (80x24) and
+    return everything it wrote, escape sequences included."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env |= {"LUNSEAL_HOME": str(daemon.home), "LUNSEAL_ARCHIVE": str(archive), "TERM": "xterm"}
+    proc = subprocess.Popen([LUNSEAL, *args], stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, out.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return out.decode(errors="replace")
+
+
+_CSI = re.compile(r"\x1b\[([?0-9;]*)([A-Za-z])")
+
+
+def screen(raw: str) -> list[str]:
+    """What a terminal shows after ``raw``: the few control sequences rich uses
+    (cursor up/down/column, erase line), text overwriting in place."""
+    lines, row, col = [""], 0, 0
+    pos = 0
+    while pos < len(raw):
+        m = _CSI.match(raw, pos)
+        if m:
+            arg, op = m.group(1), m.group(2)
+            n = int(arg) if arg.isdigit() else 1
+            if op == "A":
+                row = max(0, row - n)
+            elif op == "B":
+                row += n
+            elif op == "G":
+                col = n - 1
+            elif op == "K":
+                lines[row] = lines[row][:col] if arg in ("", "0") else ""
+            pos = m.end()
+            while len(lines) <= row:
+                lines.append("")
+            continue
+        ch = raw[pos]
+        pos += 1
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row += 1
+            while len(lines) <= row:
+                lines.append("")
+        elif ch >= " ":
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + ch + line[col + 1 :]
+            col += 1
+    return [line.rstrip() for line in lines if line.strip()]
+
+
+def test_results_stay_on_screen_under_the_progress_bars(
+    daemon: Daemon, archive: Path, tmp_path: Path
+) -> None:
+    create_lun(daemon, "tty", 64 * MiB)
+    fill_random(daemon, "tty", tmp_path, 48 * MiB)
+
+    raw = on_a_terminal(daemon, archive, "backup", "create", "tty", "--mirror", "tty-copy")
+    shown = screen(raw)
+    backup_id = json.loads(lunseal(daemon, archive, "backup", "list", "--json").stdout)[0]["id"]
+    assert shown[-1] == f"backup ID: {backup_id}", shown
+    assert any(line.startswith(f"backup {backup_id}: full, read ") for line in shown), shown
+    assert any(line.startswith("split mirror tty-copy") for line in shown), shown
+
+    write(daemon, "tty", 0, 4 * MiB, 0x42)
+    raw = on_a_terminal(daemon, archive, "restore", backup_id, "--from", "archive")
+    shown = screen(raw)
+    assert shown[-1] == f"restored backup {backup_id} to LUN tty: verified", shown
+    assert f"verified: LUN tty equals backup {backup_id} (64 chunks)" in shown, shown
+    # Every bar drawn counts bytes of this 64 MiB LUN, never "0/1 bytes" or chunks as KiB.
+    text = _CSI.sub("", raw)
+    sizes = re.findall(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?) (bytes|KiB|MiB)", text)
+    assert sizes, text  # bars were drawn (they take longer than a refresh)
+    assert ("0", "1", "bytes") not in sizes
+    for _, total, unit in sizes:
+        assert unit == "MiB", sizes
+        assert float(total) in (48.0, 64.0), sizes  # stored data, or the LUN

@@ -280,7 +280,9 @@ def test_delete_keeps_both_luns(cli_daemon: Daemon, names: Names) -> None:
         assert dst not in {m.name for m in api.list_mirrors()}
     assert nbd_write(cli_daemon, dst, 0, b"writable again") == 0
 
-    ok(cli_daemon, "mirror", "create", src, dst)
+    # dst holds data now: a new mirror over it must be asked for.
+    one_line_error(cli(cli_daemon, "mirror", "create", src, dst), 4)
+    ok(cli_daemon, "mirror", "create", src, dst, "--force")
     assert ok_json(cli_daemon, "mirror", "delete", dst) is None
 
 
@@ -404,3 +406,59 @@ def test_wait_fails_when_the_target_fails_and_resync_heals_it(
 
     assert ok(cli_daemon, "mirror", "resync", dst, "--wait") == f"mirror {dst}: synced\n"
     assert nbd_read(cli_daemon, dst, 0, 4 * MiB) == nbd_read(cli_daemon, src, 0, 4 * MiB)
+
+
+# -- ids, guards, what hosts may do -----------------------------------------------------------
+
+
+def test_the_id_from_status_json_is_accepted_everywhere(cli_daemon: Daemon, names: Names) -> None:
+    _, dst = synced(cli_daemon, names)
+    [info] = [m for m in ok_json(cli_daemon, "mirror", "status") if m["target"] == dst]
+    mirror_id = info["id"]
+    assert ok_json(cli_daemon, "mirror", "split", mirror_id)["state"] == "split"
+    assert ok_json(cli_daemon, "mirror", "resync", mirror_id, "--wait")["state"] == "synced"
+    assert ok_json(cli_daemon, "mirror", "status", mirror_id)[0]["name"] == dst
+    ok(cli_daemon, "mirror", "delete", mirror_id)
+
+
+def test_create_over_a_target_holding_data_needs_force(cli_daemon: Daemon, names: Names) -> None:
+    src, dst = names("src"), names("dst")
+    source_with_data(cli_daemon, src, 4 * MiB)
+    kept = source_with_data(cli_daemon, dst, 4 * MiB, seed=7)
+    line = one_line_error(cli(cli_daemon, "mirror", "create", src, dst, "--wait"), 4)
+    assert f"target LUN {dst} is not empty (data at byte 0)" in line
+    assert "force" in line
+    assert nbd_read(cli_daemon, dst, 0, 4 * MiB) == kept
+    ok(cli_daemon, "mirror", "create", src, dst, "--wait", "--force")
+    assert nbd_read(cli_daemon, dst, 0, 4 * MiB) == nbd_read(cli_daemon, src, 0, 4 * MiB)
+
+
+def test_restore_while_a_host_is_connected_needs_force(cli_daemon: Daemon, names: Names) -> None:
+    src, dst = synced(cli_daemon, names)
+    ok(cli_daemon, "mirror", "split", dst)
+    copy = nbd_read(cli_daemon, dst, 0, 4 * MiB)
+    assert nbd_write(cli_daemon, src, 0, b"\x99" * G) == 0
+    with NbdClient.connect(cli_daemon.socket) as host:
+        host.connect_export(src)
+        line = one_line_error(cli(cli_daemon, "mirror", "restore", dst), 4)
+        assert f"would rewrite LUN {src} while 1 host connection(s) use it (unix pid " in line
+        assert state(cli_daemon, dst).state == "split"
+        ok(cli_daemon, "mirror", "restore", dst, "--wait", "--force")
+        host.disconnect()
+    assert nbd_read(cli_daemon, src, 0, 4 * MiB) == copy
+
+
+def test_lun_show_says_a_split_target_is_read_only_and_why(
+    cli_daemon: Daemon, names: Names
+) -> None:
+    _, dst = synced(cli_daemon, names)
+    ok(cli_daemon, "mirror", "split", dst)
+    shown = ok(cli_daemon, "lun", "show", dst)
+    mode = next(line for line in shown.splitlines() if line.startswith("mode"))
+    assert mode.split(None, 1)[1] == f"read-only (it is the target of mirror {dst} (split))"
+    info = ok_json(cli_daemon, "lun", "show", dst)
+    assert (info["read_only"], info["read_only_reason"]) == (
+        True,
+        f"it is the target of mirror {dst} (split)",
+    )
+    assert nbd_write(cli_daemon, dst, 0, b"x") == c.EPERM  # what it says is what hosts get

@@ -115,7 +115,7 @@ def test_hosts_cannot_write_a_synced_target(daemon: Daemon, tmp_path: Path) -> N
     qemu_io(daemon.uri("src"), "write -P 0x33 0 16M")
     with QemuIoSession(daemon.uri("dst")) as early:  # opened while dst was still writable
         assert "wrote" in early.command("write -P 0x11 0 64k")
-        lunseal(daemon, "mirror", "create", "src", "dst", "--wait")
+        lunseal(daemon, "mirror", "create", "src", "dst", "--wait", "--force")  # dst has data
         for cmd in ("write -P 0x22 0 64k", "write -z 0 64k", "discard 0 64k"):
             assert "Operation not permitted" in early.command(cmd), cmd
 

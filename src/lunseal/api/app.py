@@ -148,11 +148,13 @@ def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:
         name=rec.name,
         number=rec.number,
         size=rec.size,
-        read_only=rec.read_only,
+        read_only=lun.read_only,
+        read_only_reason=_read_only_reason(lun),
         backend=rec.backend,
         path=rec.path,
         created_at=rec.created_at,
         connections=len(lun.users),
+        clients=lun.peers(),
         nbd_uris=uris,
         stats=LunStatsModel(
             reads=s.reads,
@@ -166,6 +168,12 @@ def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:
         available=lun.available,
         unavailable_reason=lun.unavailable or None,
     )
+
+
+def _read_only_reason(lun: Lun) -> str:
+    if lun.record.read_only:
+        return "the LUN is set read-only"
+    return next(iter(lun.write_guards.values()), "")
 
 
 def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:

@@ -12,6 +12,27 @@ class MirrorCreate(BaseModel):
     target: str = Field(description="target LUN name (same size as the source)")
     name: str | None = Field(default=None, description="mirror name (default: the target's)")
     create_target: bool = Field(default=False, description="create the target LUN if missing")
+    force: bool = Field(
+        default=False, description="overwrite a target that holds data (409 otherwise)"
+    )
+
+
+class MirrorRestore(BaseModel):
+    force: bool = Field(
+        default=False, description="restore even while hosts are connected to the source (409)"
+    )
+
+
+class MirrorExtent(BaseModel):
+    offset: int
+    length: int
+
+
+class MirrorRegions(BaseModel):
+    """What the next resync or restore copies: the regions written on either side."""
+
+    granularity: int
+    extents: list[MirrorExtent]
 
 
 class MirrorSplit(BaseModel):

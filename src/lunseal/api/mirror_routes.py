@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 
-from lunseal.api.mirror_models import MirrorCreate, MirrorInfo, MirrorSplit
+from lunseal.api.mirror_models import (
+    MirrorCreate,
+    MirrorExtent,
+    MirrorInfo,
+    MirrorRegions,
+    MirrorRestore,
+    MirrorSplit,
+)
 from lunseal.engine.array import Array
+from lunseal.engine.lun import Lun
 from lunseal.engine.mirror import SOURCE, TARGET, Mirror
-from lunseal.errors import LunsealError, NotFound
+from lunseal.errors import Conflict, LunsealError, NotFound
 
 
 def mirror_info(m: Mirror) -> MirrorInfo:
@@ -32,6 +40,14 @@ def mirror_info(m: Mirror) -> MirrorInfo:
     )
 
 
+def refuse_if_connected(lun: Lun, what: str) -> None:
+    if lun.users:
+        raise Conflict(
+            f"{what} would rewrite LUN {lun.name} while {len(lun.users)} host connection(s) "
+            f"use it ({', '.join(lun.peers())}): disconnect them or use force"
+        )
+
+
 def install_mirror_routes(app: FastAPI, array: Array) -> None:
     mirrors = array.mirrors
 
@@ -50,7 +66,7 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
             target = array.create_lun(body.target, source.size)
             created = True
         try:
-            mirror = mirrors.create(source, target, body.name)
+            mirror = mirrors.create(source, target, body.name, require_empty=not body.force)
         except LunsealError:
             if created:  # a refused mirror leaves no LUN behind that the caller did not ask for
                 array.delete_lun(target.name, force=True)
@@ -80,11 +96,22 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         return mirror_info(m)
 
     @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
-    async def restore(name: str) -> MirrorInfo:
+    async def restore(name: str, body: MirrorRestore | None = None) -> MirrorInfo:
         """Copy the regions written on either side since the split, target -> source."""
         m = mirrors.get(name)
+        if not (body or MirrorRestore()).force:
+            refuse_if_connected(m.source, f"restoring mirror {m.name}")
         m.restore()
         return mirror_info(m)
+
+    @app.get("/v1/mirrors/{name}/regions", response_model=MirrorRegions, tags=["mirrors"])
+    async def regions(name: str) -> MirrorRegions:
+        """The regions the next resync or restore would copy (written on either side)."""
+        m = mirrors.get(name)
+        return MirrorRegions(
+            granularity=m.work.granularity,
+            extents=[MirrorExtent(offset=e.offset, length=e.length) for e in m.copy_extents()],
+        )
 
     @app.delete("/v1/mirrors/{name}", status_code=204, tags=["mirrors"])
     async def delete_mirror(name: str) -> Response:

@@ -52,11 +52,13 @@ class LunInfo(BaseModel):
     name: str
     number: int
     size: int
-    read_only: bool
+    read_only: bool = Field(description="hosts cannot write: the flag, or a guard (a mirror)")
+    read_only_reason: str = Field(default="", description="why hosts cannot write (or empty)")
     backend: str
     path: str
     created_at: float
     connections: int = Field(description="NBD connections attached to this LUN")
+    clients: list[str] = Field(default=[], description="peers of those connections")
     nbd_uris: list[str]
     stats: LunStatsModel
     available: bool = Field(

@@ -48,6 +48,7 @@ _CHUNK_HEADER = struct.Struct("<7sBI")
 _CHUNK_MAGIC = b"LSCHUNK"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+_NAME_LIKE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _utcnow() -> datetime:
@@ -192,12 +193,22 @@ class CheckReport:
 
 
 @dataclass
+class PruneDecision:
+    backup: str
+    source: str
+    created_at: str
+    keep: bool
+
+
+@dataclass
 class PruneReport:
     kept: list[str]
     removed: list[str]  # backup ids whose manifests were (or would be) deleted
     chunks_removed: int
     bytes_freed: int
     dry_run: bool
+    #: Every backup the policy looked at, oldest first, with its verdict.
+    decisions: list[PruneDecision] = field(default_factory=list)
 
 
 @dataclass
@@ -370,7 +381,10 @@ class Repository:
 
     def manifest(self, backup_id: str) -> Manifest:
         if not _ID_RE.match(backup_id):
-            raise InvalidArgument(f"invalid backup id {backup_id!r}")
+            if not _NAME_LIKE_RE.fullmatch(backup_id):  # a path, or worse: a bad request
+                raise InvalidArgument(f"invalid backup id {backup_id!r}")
+            # A plain word no backup has ("nope"): simply not there (exit 3).
+            raise NotFound(f"no backup {backup_id} in the archive")
         try:
             raw = self.storage.get(manifest_key(backup_id))
         except NotFound:
@@ -439,15 +453,26 @@ class Repository:
         return self._decode(digest, blob)[0]
 
     def prune(
-        self, keep_last: int | None, keep_daily: int | None, dry_run: bool = False
+        self,
+        keep_last: int | None,
+        keep_daily: int | None,
+        dry_run: bool = False,
+        source: str | None = None,
     ) -> PruneReport:
-        """Delete backups outside the policy, then every chunk no remaining backup uses."""
+        """Delete backups outside the policy, then every chunk no remaining backup uses.
+
+        The policy applies to each source LUN's backups on their own (as restic,
+        borg and PBS group them): keeping the last 2 keeps 2 of every LUN.  With
+        ``source``, only that LUN's backups are considered."""
         if not (keep_last or keep_daily) or min(keep_last or 0, keep_daily or 0) < 0:
             raise InvalidArgument("prune needs keep_last and/or keep_daily of at least 1")
         # Exclusive: a running backup may rely on chunks that no manifest references yet.
         with self.storage.lock(exclusive=True):
             all_backups = self.manifests()  # a damaged manifest stops prune: its chunks are unknown
-            kept = _select(all_backups, keep_last or 0, keep_daily or 0)
+            considered = [m for m in all_backups if source is None or _source(m) == source]
+            kept = {m.id for m in all_backups} - {m.id for m in considered}
+            for group in _by_source(considered).values():
+                kept |= _select(group, keep_last or 0, keep_daily or 0)
             doomed = [m for m in all_backups if m.id not in kept]
             garbage = self._unreferenced_chunks([m for m in all_backups if m.id in kept])
             freed = sum(self.storage.size(manifest_key(m.id)) for m in doomed)
@@ -455,11 +480,14 @@ class Repository:
             if not dry_run:
                 self._delete(doomed, garbage)
         return PruneReport(
-            kept=[m.id for m in all_backups if m.id in kept],
+            kept=[m.id for m in considered if m.id in kept],
             removed=[m.id for m in doomed],
             chunks_removed=len(garbage),
             bytes_freed=freed,
             dry_run=dry_run,
+            decisions=[
+                PruneDecision(m.id, _source(m), m.created_at, m.id in kept) for m in considered
+            ],
         )
 
     def _unreferenced_chunks(self, kept: list[Manifest]) -> list[str]:
@@ -474,6 +502,17 @@ class Repository:
         for digest in garbage:
             self.storage.delete(chunk_key(digest))
         self.storage.sweep(STALE_TEMP_AGE)
+
+
+def _source(manifest: Manifest) -> str:
+    return str(manifest.meta.get("source", ""))
+
+
+def _by_source(backups: list[Manifest]) -> dict[str, list[Manifest]]:
+    groups: dict[str, list[Manifest]] = {}
+    for m in backups:
+        groups.setdefault(_source(m), []).append(m)
+    return groups
 
 
 def _age_key(manifest: Manifest) -> tuple[datetime, str]:

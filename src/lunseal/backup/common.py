@@ -14,7 +14,8 @@ from lunseal.errors import BackendError, LunsealError
 
 COPYING = ("syncing", "resyncing", "restoring")
 
-#: Called with (what, bytes done, bytes total) as work progresses.
+#: Called with (what, bytes done, bytes total) as work progresses; always bytes,
+#: so a display can show sizes.  ``done >= total`` means that piece is finished.
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -66,15 +67,16 @@ def wait_mirror(
 ) -> MirrorInfo:
     """Poll until the mirror's copy is done; raise if it ends degraded."""
     info = api.mirror(name)
-    total = max(1, info.bytes_left)
+    what, total = f"{info.state} {name}", info.bytes_left
     deadline = time.monotonic() + timeout
     while info.state in COPYING:
-        progress(f"{info.state} {name}", max(0, total - info.bytes_left), total)
+        total = max(total, info.bytes_left)  # host writes may add regions while it runs
+        progress(what, total - info.bytes_left, total)
         if time.monotonic() > deadline:
             raise LunsealError(f"mirror {name} still {info.state} after {timeout:.0f}s")
         time.sleep(0.01)
         info = api.mirror(name)
-    progress(f"{name} {info.state}", total, total)
+    progress(what, total, total)  # the same bar, finished (a progress sink drops it)
     if info.state == "degraded":
         raise BackendError(f"mirror {name} is degraded: {info.reason}")
     return info

@@ -1,12 +1,24 @@
 """``restore``: from the disk copy when its token proves it is the backup,
 else from the archive, or both (changed regions from the archive, the rest
-from the mirror).  Always says which path it took and why, and verifies the
-result against the manifest's chunk digests.
+from the mirror).  Always says which path it took and why.
+
+Nothing is trusted that can be checked: the disk copy may have been written
+behind the array's back (a ``dd`` into its backing file leaves its token
+alone while the daemon runs).  So every chunk the mirror is about to supply
+is first compared with the backup's digest, and a mismatching one is taken
+from the archive instead.  Because the disk copy could change again between
+that check and the copy, the destination is read back afterwards and any
+chunk that landed wrong is rewritten from the archive too; only then is the
+restore reported done.  A restore therefore ends with exactly the backup's
+data or fails (exit non-zero) saying where it differs.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -15,13 +27,17 @@ import blake3
 from lunseal.archive import Manifest, Repository
 from lunseal.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
 from lunseal.client import ArrayClient
-from lunseal.errors import Conflict, LunsealError, NotFound
+from lunseal.errors import Conflict, InvalidArgument, LunsealError, NotFound
 from lunseal.nbd.client import NbdClient
 
 log = logging.getLogger(__name__)
 
 MIRROR, ARCHIVE, HYBRID = "mirror", "archive", "hybrid"
+#: --verify-mirror: check the chunks the mirror will copy, or every chunk of the copy.
+VERIFY_COPIED, VERIFY_FULL = "copied", "full"
 VERIFY_CONNECTIONS = 2
+#: How often (and how far apart) the destination's connections are looked at.
+IN_USE_CHECKS, IN_USE_INTERVAL = 10, 0.1
 _SOURCES = {
     MIRROR: "from the mirror",
     ARCHIVE: "from the archive",
@@ -39,9 +55,13 @@ class RestorePlan:
     mirror_bytes: int = 0
     archive_bytes: int = 0
     archive_chunks: list[int] = field(default_factory=list)
-    #: False when --i-know forced a changed disk copy: a difference from the
-    #: backup is then expected, and verification only reports it.
-    exact: bool = True
+    #: Restore even while hosts are connected to the destination.
+    force: bool = False
+    verify_mirror: str = VERIFY_COPIED
+    #: Chunks of the disk copy found to differ from the backup (taken from the archive).
+    mirror_mismatches: list[int] = field(default_factory=list)
+    #: Chunks that landed wrong on the destination and were rewritten from the archive.
+    repaired: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         return (
@@ -49,6 +69,14 @@ class RestorePlan:
             f"{self.reason}; the mirror supplies {self.mirror_bytes} bytes, "
             f"the archive {self.archive_bytes} bytes"
         )
+
+    def uses_mirror(self) -> bool:
+        return self.path in (MIRROR, HYBRID)
+
+    def take_from_archive(self, chunks: Iterable[int]) -> None:
+        added = sorted(set(chunks) - set(self.archive_chunks))
+        self.archive_chunks = sorted([*self.archive_chunks, *added])
+        self.archive_bytes += sum(self.backup.chunk_length(i) for i in added)
 
 
 class VerifyFailed(LunsealError):
@@ -64,29 +92,41 @@ def plan_restore(
     to: str | None = None,
     force_from: str | None = None,
     i_know: bool = False,
+    force: bool = False,
+    verify_mirror: str = VERIFY_COPIED,
 ) -> RestorePlan:
-    m = repo.manifest(backup_id)
+    if verify_mirror not in (VERIFY_COPIED, VERIFY_FULL):
+        raise InvalidArgument(f"--verify-mirror takes {VERIFY_COPIED} or {VERIFY_FULL}")
+    plan = _choose(api, repo.manifest(backup_id), to, force_from, i_know)
+    plan.force, plan.verify_mirror = force, verify_mirror
+    return plan
+
+
+def _choose(
+    api: ArrayClient, m: Manifest, to: str | None, force_from: str | None, i_know: bool
+) -> RestorePlan:
     dest = to or str(m.meta["source"])
     dest_size = api.show_lun(dest).size  # before anything is written, for every path
     if dest_size < m.size:
         raise Conflict(f"LUN {dest} is {dest_size} bytes; backup {m.id} needs {m.size}")
-    intact, why = _target_intact(api, m)
     if force_from == ARCHIVE:
         return _archive_plan(m, dest, "forced with --from archive")
+    other_disk = _other_disk(api, m)
+    if force_from == MIRROR and other_disk:
+        raise Conflict(f"{other_disk}: refusing to restore from it (not even with --i-know)")
+    intact, why = (False, other_disk) if other_disk else _target_intact(api, m)
     if force_from == MIRROR:
         if not intact and not i_know:
             raise Conflict(
                 f"the disk copy changed since backup {m.id} ({why}); restoring from it would "
                 "not give the backup: add --i-know to do it anyway"
             )
-        plan = _mirror_plan(api, m, dest, f"forced with --from mirror ({why})")
         if not intact:
             log.warning("restore of %s forced from a changed mirror: %s", m.id, why)
-            plan.exact = False
-        return plan
+        return _mirror_plan(api, m, dest, f"forced with --from mirror ({why})")
     if intact:
         return _mirror_plan(api, m, dest, f"the disk copy is intact: {why}")
-    altered = _altered_chunks(api, m)
+    altered = None if other_disk else _altered_chunks(api, m)
     if altered is None:
         return _archive_plan(m, dest, f"the disk copy changed ({why})")
     plan = _mirror_plan(api, m, dest, "")
@@ -95,9 +135,25 @@ def plan_restore(
         f"the disk copy changed ({why}); its change map names {len(altered)} altered chunk(s), "
         "taken from the archive, the rest from the mirror"
     )
-    plan.archive_chunks = altered
-    plan.archive_bytes = sum(m.chunk_length(i) for i in altered)
+    plan.take_from_archive(altered)
     return plan
+
+
+def _other_disk(api: ArrayClient, m: Manifest) -> str:
+    """Why the LUN named as the backup's disk copy is not that disk ('' when it is).
+
+    A LUN re-created under the same name is a different disk, whatever it holds."""
+    target, want = str(m.meta["target"]), str(m.meta.get("target_uuid", ""))
+    try:
+        found = api.show_lun(target).uuid
+    except NotFound:
+        return ""  # no copy at all: the token check says so
+    if want and found != want:
+        return (
+            f"LUN {target} is not the disk copy of backup {m.id}: its UUID is {found}, "
+            f"the copy's was {want}"
+        )
+    return ""
 
 
 def _target_intact(api: ArrayClient, m: Manifest) -> tuple[bool, str]:
@@ -123,11 +179,14 @@ def _altered_chunks(api: ArrayClient, m: Manifest) -> list[int] | None:
         changes = api.changes(target, hold)
     except NotFound:
         return None
-    cs = m.chunk_size
+    return sorted(_chunks_of(m.chunk_size, ((e.offset, e.length) for e in changes.extents)))
+
+
+def _chunks_of(chunk_size: int, extents: Iterable[tuple[int, int]]) -> set[int]:
     chunks: set[int] = set()
-    for ext in changes.extents:
-        chunks.update(range(ext.offset // cs, (ext.offset + ext.length - 1) // cs + 1))
-    return sorted(chunks)
+    for offset, length in extents:
+        chunks.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+    return chunks
 
 
 def _archive_plan(m: Manifest, dest: str, reason: str) -> RestorePlan:
@@ -139,9 +198,13 @@ def _archive_plan(m: Manifest, dest: str, reason: str) -> RestorePlan:
 def _mirror_plan(api: ArrayClient, m: Manifest, dest: str, reason: str) -> RestorePlan:
     # Another LUN gets the whole disk copy; the source only the reverse resync's regions.
     supplied = m.size
-    if dest == m.meta["source"]:
+    if _reverse_resync(m, dest):
         supplied = api.mirror(str(m.meta["mirror"])).bytes_left
     return RestorePlan(m, dest, MIRROR, reason, mirror_bytes=supplied)
+
+
+def _reverse_resync(m: Manifest, dest: str) -> bool:
+    return dest == str(m.meta["source"])
 
 
 # -- running a plan ---------------------------------------------------------------------
@@ -151,89 +214,207 @@ def run_restore(
     api: ArrayClient, repo: Repository, plan: RestorePlan, *, log: Log, progress: ProgressFn
 ) -> None:
     log(plan.describe())
+    # Before this tool opens any connection of its own to the destination.
+    _refuse_if_in_use(api, plan)
+    if plan.uses_mirror() and _reverse_resync(plan.backup, plan.dest):
+        _check_mirror(api, plan, log, progress)
     if plan.archive_chunks:
-        _prevalidate(repo, plan, progress)  # never write from a damaged archive
-    if plan.path in (MIRROR, HYBRID):
-        _from_mirror(api, plan, log, progress)
+        _prevalidate(repo, plan.backup, plan.archive_chunks, progress)  # never from damage
+    if plan.uses_mirror():
+        _from_mirror(api, repo, plan, log, progress)
     if plan.archive_chunks:
-        _from_archive(api, repo, plan, progress)
+        _from_archive(api, repo, plan, plan.archive_chunks, progress)
         log(f"wrote {len(plan.archive_chunks)} chunk(s) from the archive to {plan.dest}")
-    try:
-        verify(api, plan.backup, plan.dest, log=log, progress=progress)
-    except VerifyFailed as exc:
-        if plan.exact:
-            raise
-        log(f"warning: {exc.message} (expected: restored from a changed disk copy with --i-know)")
+    _verify_and_repair(api, repo, plan, log, progress)
 
 
-def _prevalidate(repo: Repository, plan: RestorePlan, progress: ProgressFn) -> None:
+def _refuse_if_in_use(api: ArrayClient, plan: RestorePlan) -> None:
+    if plan.force:
+        return
+    info = api.show_lun(plan.dest)
+    # A client that has just disconnected may take a moment to be gone: look a few times.
+    for _ in range(IN_USE_CHECKS - 1):
+        if not info.connections:
+            return
+        time.sleep(IN_USE_INTERVAL)
+        info = api.show_lun(plan.dest)
+    if info.connections:
+        raise Conflict(
+            f"LUN {plan.dest} is in use by {info.connections} host connection(s) "
+            f"({', '.join(info.clients) or 'unknown peers'}): a restore rewrites it under "
+            "them; disconnect them or add --force"
+        )
+
+
+def _span(m: Manifest, chunks: list[int]) -> str:
+    """Human-readable byte ranges of chunks, e.g. "chunk 2 (bytes 2097152-3145727)"."""
+    parts = [
+        f"chunk {i} (bytes {i * m.chunk_size}-{i * m.chunk_size + m.chunk_length(i) - 1})"
+        for i in chunks[:8]
+    ]
+    more = f" and {len(chunks) - 8} more" if len(chunks) > 8 else ""
+    return ", ".join(parts) + more
+
+
+def _check_mirror(api: ArrayClient, plan: RestorePlan, log: Log, progress: ProgressFn) -> None:
+    """Compare the chunks the reverse resync will copy (or, with --verify-mirror
+    full, every chunk) of the disk copy with the backup; take bad ones from the archive."""
     m = plan.backup
-    for n, i in enumerate(plan.archive_chunks, 1):
+    if plan.verify_mirror == VERIFY_FULL:
+        wanted = set(range(len(m.chunks)))
+    else:
+        regions = api.mirror_regions(str(m.meta["mirror"])).extents
+        wanted = _chunks_of(m.chunk_size, ((e.offset, e.length) for e in regions))
+    todo = sorted(wanted - set(plan.archive_chunks))
+    bad = _mismatches(api, m, str(m.meta["target"]), todo, progress, "check disk copy")
+    log(f"checked {len(todo)} chunk(s) of the disk copy {m.meta['target']} against the backup")
+    if bad:
+        log(
+            f"the disk copy differs from backup {m.id} in {len(bad)} chunk(s): "
+            f"{_span(m, bad)}; taken from the archive"
+        )
+        plan.mirror_mismatches = bad
+        plan.take_from_archive(bad)
+
+
+def _mismatches(
+    api: ArrayClient, m: Manifest, lun: str, chunks: list[int], progress: ProgressFn, what: str
+) -> list[int]:
+    total = sum(m.chunk_length(i) for i in chunks)
+    done, bad = 0, []
+    with NbdClient(nbd_uri(api, lun)) as nbd:
+        ranges = [(i * m.chunk_size, m.chunk_length(i)) for i in chunks]
+        for offset, data in nbd.read_ranges(ranges):
+            if not _matches(m, offset, data):
+                bad.append(offset // m.chunk_size)
+            done += len(data)
+            progress(what, done, total)
+    return bad
+
+
+def _prevalidate(repo: Repository, m: Manifest, chunks: list[int], progress: ProgressFn) -> None:
+    stored = [i for i in chunks if m.chunks[i] is not None]  # zero chunks are not stored
+    total, done = sum(m.chunk_length(i) for i in stored), 0
+    for i in stored:
         repo.read_backup_chunk(m, i)  # raises ArchiveCorrupt naming chunk and backups
-        progress("checking archive", n, len(plan.archive_chunks))
+        done += m.chunk_length(i)
+        progress("checking archive", done, total)
 
 
-def _from_mirror(api: ArrayClient, plan: RestorePlan, log: Log, progress: ProgressFn) -> None:
+def _from_mirror(
+    api: ArrayClient, repo: Repository, plan: RestorePlan, log: Log, progress: ProgressFn
+) -> None:
     m = plan.backup
     mirror, target = str(m.meta["mirror"]), str(m.meta["target"])
-    if plan.dest == m.meta["source"]:
-        api.restore_mirror(mirror)
+    if _reverse_resync(m, plan.dest):
+        api.restore_mirror(mirror, force=plan.force)
         wait_mirror(api, mirror, progress)
         log(f"reverse resync of mirror {mirror}: {target} -> {plan.dest} done")
         return
-    size = m.size
-    with NbdClient(nbd_uri(api, target)) as src, NbdClient(nbd_uri(api, plan.dest)) as dst:
-        cs = m.chunk_size
-        ranges = [(o, min(cs, size - o)) for o in range(0, size, cs)]
-        for offset, data in src.read_ranges(ranges):
-            dst.write(offset, data)
-            progress(f"copy {target} -> {plan.dest}", offset + len(data), size)
-        dst.flush()
+    bad = _copy_checked(api, plan, progress)
     log(f"copied disk copy {target} to {plan.dest}")
+    if bad:
+        log(
+            f"the disk copy differs from backup {m.id} in {len(bad)} chunk(s): "
+            f"{_span(m, bad)}; taken from the archive"
+        )
+        plan.mirror_mismatches = bad
+        plan.take_from_archive(bad)
+        _prevalidate(repo, m, bad, progress)
+
+
+def _copy_checked(api: ArrayClient, plan: RestorePlan, progress: ProgressFn) -> list[int]:
+    """Copy the disk copy chunk by chunk to another LUN; a chunk whose digest is
+    not the backup's is not written (the archive supplies it) and is returned."""
+    m, target = plan.backup, str(plan.backup.meta["target"])
+    skip, bad = set(plan.archive_chunks), []
+    ranges = [(i * m.chunk_size, m.chunk_length(i)) for i in range(len(m.chunks)) if i not in skip]
+    with NbdClient(nbd_uri(api, target)) as src, NbdClient(nbd_uri(api, plan.dest)) as dst:
+        for offset, data in src.read_ranges(ranges):
+            if _matches(m, offset, data):
+                dst.write(offset, data)
+            else:
+                bad.append(offset // m.chunk_size)
+            progress(f"copy {target} -> {plan.dest}", offset + len(data), m.size)
+        dst.flush()
+    return bad
 
 
 def _from_archive(
-    api: ArrayClient, repo: Repository, plan: RestorePlan, progress: ProgressFn
+    api: ArrayClient, repo: Repository, plan: RestorePlan, chunks: list[int], progress: ProgressFn
 ) -> None:
     m = plan.backup
-    total = len(plan.archive_chunks)
+    total, done = sum(m.chunk_length(i) for i in chunks), 0
     with NbdClient(nbd_uri(api, plan.dest)) as nbd:
         if nbd.size < m.size:
             raise Conflict(f"LUN {plan.dest} is {nbd.size} bytes; the backup needs {m.size}")
-        for n, i in enumerate(plan.archive_chunks, 1):
+        for i in chunks:
             offset, length = i * m.chunk_size, m.chunk_length(i)
             if m.chunks[i] is None:
                 nbd.zero(offset, length)
             else:
                 nbd.write(offset, repo.read_backup_chunk(m, i))
-            progress(f"restore {plan.dest}", n, total)
+            done += length
+            progress(f"restore {plan.dest}", done, total)
         nbd.flush()
 
 
-def verify(api: ArrayClient, m: Manifest, lun: str, *, log: Log, progress: ProgressFn) -> None:
-    """Read ``lun`` back and compare every chunk with the manifest's digest.
+def _verify_and_repair(
+    api: ArrayClient, repo: Repository, plan: RestorePlan, log: Log, progress: ProgressFn
+) -> None:
+    """Read the destination back; chunks that landed wrong (the disk copy changed
+    after it was checked) are rewritten from the archive and checked again."""
+    m = plan.backup
+    bad = find_differences(api, m, plan.dest, progress)
+    if bad:
+        log(
+            f"{len(bad)} chunk(s) landed on {plan.dest} different from backup {m.id}: "
+            f"{_span(m, bad)}; rewritten from the archive"
+        )
+        plan.repaired = bad
+        _from_archive(api, repo, plan, bad, progress)
+        still = _mismatches(api, m, plan.dest, bad, progress, f"verify {plan.dest}")
+        if still:
+            raise VerifyFailed(
+                f"LUN {plan.dest} differs from backup {m.id} in {len(still)} chunk(s) even "
+                f"after rewriting them from the archive: {_span(m, still)}"
+            )
+    log(f"verified: LUN {plan.dest} equals backup {m.id} ({len(m.chunks)} chunks)")
+
+
+def find_differences(api: ArrayClient, m: Manifest, lun: str, progress: ProgressFn) -> list[int]:
+    """Read ``lun`` back and return the chunks whose content is not the backup's.
 
     Reads on VERIFY_CONNECTIONS connections at once (the array advertises
     multi-conn): one stream is bounded by a single receiving thread.
     """
     uri = nbd_uri(api, lun)
     done = [0]
+    lock = threading.Lock()  # one figure, in order: a stale one would redraw a finished bar
 
     def part(k: int) -> list[int]:
         indexes = range(k, len(m.chunks), VERIFY_CONNECTIONS)
         ranges = [(i * m.chunk_size, m.chunk_length(i)) for i in indexes]
+        bad = []
         with NbdClient(uri) as nbd:
-            bad = [o // m.chunk_size for o, d in nbd.read_ranges(ranges) if not _matches(m, o, d)]
-        done[0] += len(ranges)
-        progress(f"verify {lun}", done[0], len(m.chunks))
+            for o, d in nbd.read_ranges(ranges):
+                if not _matches(m, o, d):
+                    bad.append(o // m.chunk_size)
+                with lock:
+                    done[0] += len(d)
+                    progress(f"verify {lun}", done[0], m.size)
         return bad
 
     with ThreadPoolExecutor(VERIFY_CONNECTIONS) as pool:
-        bad = sorted(i for found in pool.map(part, range(VERIFY_CONNECTIONS)) for i in found)
+        return sorted(i for found in pool.map(part, range(VERIFY_CONNECTIONS)) for i in found)
+
+
+def verify(api: ArrayClient, m: Manifest, lun: str, *, log: Log, progress: ProgressFn) -> None:
+    """Raise VerifyFailed unless ``lun`` holds exactly the backup's data."""
+    bad = find_differences(api, m, lun, progress)
     if bad:
         raise VerifyFailed(
-            f"LUN {lun} differs from backup {m.id} in {len(bad)} chunk(s), first at byte "
-            f"{bad[0] * m.chunk_size}"
+            f"LUN {lun} differs from backup {m.id} in {len(bad)} chunk(s): {_span(m, bad)}"
         )
     log(f"verified: LUN {lun} equals backup {m.id} ({len(m.chunks)} chunks)")
 

@@ -51,7 +51,7 @@ def create(
 ) -> None:
     """Resync, split and archive a disk copy of SOURCE; incremental when it can be."""
     log = _say(ctx)
-    with client(ctx) as api, progress_bar(ctx) as progress:
+    with client(ctx) as api, progress_bar(ctx, log) as progress:
         result = create_backup(
             api,
             open_repo(archive, create=True),
@@ -65,6 +65,8 @@ def create(
         )
     if options(ctx).json:
         typer.echo(_dumps({**_manifest_json(result.manifest), "steps": log.steps}))
+    else:  # the result, last, once the progress bars are gone
+        console.print(f"backup ID: {result.manifest.id}", highlight=False)
 
 
 @app.command("list")
@@ -123,7 +125,7 @@ def verify_(
     with progress_bar(ctx) as progress:
         for i in range(len(m.chunks)):
             repo.read_backup_chunk(m, i)
-            progress(f"verify {m.id}", i + 1, len(m.chunks))
+            progress(f"verify {m.id}", min(m.size, (i + 1) * m.chunk_size), m.size)
     typer.echo(
         _dumps({"backup": m.id, "ok": True})
         if options(ctx).json
@@ -134,21 +136,38 @@ def verify_(
 @app.command("prune")
 def prune(
     ctx: typer.Context,
-    keep_last: int | None = typer.Option(None, "--keep-last", help="keep the newest N backups"),
-    keep_daily: int | None = typer.Option(None, "--keep-daily", help="keep one a day for N days"),
+    keep_last: int | None = typer.Option(
+        None, "--keep-last", help="keep the newest N backups of each source LUN"
+    ),
+    keep_daily: int | None = typer.Option(
+        None, "--keep-daily", help="keep one a day for N days, per source LUN"
+    ),
+    source: str | None = typer.Option(None, "--source", help="prune only this LUN's backups"),
     dry_run: bool = typer.Option(False, "--dry-run", help="only say what would go"),
     archive: Path | None = ARCHIVE_OPTION,
 ) -> None:
-    """Delete backups outside the policy and the chunks no backup uses any more."""
+    """Delete backups outside the policy (applied to each source LUN's backups on
+    their own) and the chunks no backup uses any more."""
     if keep_last is None and keep_daily is None:
         raise InvalidArgument("give --keep-last and/or --keep-daily")
-    report = open_repo(archive).prune(keep_last, keep_daily, dry_run=dry_run)
-    payload = dict(vars(report))
+    report = open_repo(archive).prune(keep_last, keep_daily, dry_run=dry_run, source=source)
     if options(ctx).json:
+        payload = dict(vars(report))
+        payload["decisions"] = [vars(d) for d in report.decisions]
         typer.echo(_dumps(payload))
-    else:
-        for key, value in payload.items():
-            console.print(f"{key}: {value}", highlight=False)
+        return
+    if report.decisions:
+        t = table("BACKUP", "SOURCE", "CREATED", "ACTION")
+        for d in report.decisions:
+            action = "keep" if d.keep else ("would remove" if dry_run else "removed")
+            t.add_row(d.backup, d.source, d.created_at, action)
+        console.print(t)
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{verb} {len(report.removed)} backup(s) and {report.chunks_removed} chunk(s), "
+        f"{format_size(report.bytes_freed)}; kept {len(report.kept)}",
+        highlight=False,
+    )
 
 
 @archive_app.command("check")
@@ -158,8 +177,7 @@ def check(
     read_data: bool = typer.Option(False, "--read-data", help="also read and hash every chunk"),
 ) -> None:
     """Verify the archive's manifests (and with --read-data every chunk)."""
-    with progress_bar(ctx):
-        report = open_repo(repo_path).check(read_data=read_data)
+    report = open_repo(repo_path).check(read_data=read_data)
     if options(ctx).json:
         typer.echo(
             _dumps(
@@ -187,35 +205,56 @@ def restore(
     i_know: bool = typer.Option(
         False, "--i-know", help="allow --from mirror when its token changed"
     ),
+    force: bool = typer.Option(False, "--force", help="even while hosts use the LUN"),
+    verify_mirror: str = typer.Option(
+        "copied", "--verify-mirror", help="check the copied chunks of the mirror, or full"
+    ),
     archive: Path | None = ARCHIVE_OPTION,
 ) -> None:
-    """Restore a backup: from the mirror if its token is unchanged, else the archive."""
+    """Restore a backup: from the mirror if its token is unchanged, else the archive.
+    The mirror's chunks are checked against the backup first, the result after."""
     if from_ not in (None, "archive", "mirror"):
         raise InvalidArgument("--from takes archive or mirror")
     log = _say(ctx)
     repo = open_repo(archive)
     with client(ctx) as api:
-        plan = plan_restore(api, repo, backup, to=to, force_from=from_, i_know=i_know)
+        plan = plan_restore(
+            api,
+            repo,
+            backup,
+            to=to,
+            force_from=from_,
+            i_know=i_know,
+            force=force,
+            verify_mirror=verify_mirror,
+        )
         if dry_run:
             log(plan.describe())
         else:
-            with progress_bar(ctx) as progress:
+            with progress_bar(ctx, log) as progress:
                 run_restore(api, repo, plan, log=log, progress=progress)
-    if options(ctx).json:
-        typer.echo(
-            _dumps(
-                {
-                    "backup": plan.backup.id,
-                    "to": plan.dest,
-                    "path": plan.path,
-                    "reason": plan.reason,
-                    "mirror_bytes": plan.mirror_bytes,
-                    "archive_bytes": plan.archive_bytes,
-                    "dry_run": dry_run,
-                    "steps": log.steps,
-                }
+    if not options(ctx).json:
+        if not dry_run:  # the result, last, once the progress bars are gone
+            console.print(
+                f"restored backup {plan.backup.id} to LUN {plan.dest}: verified", highlight=False
             )
+        return
+    typer.echo(
+        _dumps(
+            {
+                "backup": plan.backup.id,
+                "to": plan.dest,
+                "path": plan.path,
+                "reason": plan.reason,
+                "mirror_bytes": plan.mirror_bytes,
+                "archive_bytes": plan.archive_bytes,
+                "dry_run": dry_run,
+                "mirror_mismatches": plan.mirror_mismatches,
+                "repaired": plan.repaired,
+                "steps": log.steps,
+            }
         )
+    )
 
 
 def _manifest_json(m: Manifest) -> dict[str, object]:

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lunseal.backup.common import Log, ProgressFn
 from lunseal.client import ArrayClient
 from lunseal.errors import InvalidArgument
 from lunseal.home import resolve_home
@@ -81,9 +82,15 @@ def table(*columns: str) -> Table:
 
 
 @contextlib.contextmanager
-def progress_bar(ctx: typer.Context) -> Iterator[Callable[[str, int, int], None]]:
-    """A (what, done, total) progress callback: a rich bar on a terminal, silent
-    with --json or when output is piped."""
+def progress_bar(ctx: typer.Context, log: Log | None = None) -> Iterator[ProgressFn]:
+    """A (what, bytes done, bytes total) progress callback: live rich bars on a
+    terminal, silent with --json or when output is piped.
+
+    While the bars are live, ``log``'s step lines are printed *above* them
+    (through the bars' console, when both streams are the terminal): a line
+    printed past a live display is overwritten by its next refresh.  A bar
+    disappears when its work is done, so no stale 100% lines pile up.
+    """
     show = sys.stderr.isatty() and not options(ctx).json
     with Progress(
         TextColumn("{task.description}"),
@@ -93,12 +100,25 @@ def progress_bar(ctx: typer.Context) -> Iterator[Callable[[str, int, int], None]
         console=Console(stderr=True),
         disable=not show,
         transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
     ) as bar:
         tasks: dict[str, TaskID] = {}
 
         def update(what: str, done: int, total: int) -> None:
             if what not in tasks:
+                if done >= total:
+                    return  # nothing to show: no empty "0/0 bytes" bar
                 tasks[what] = bar.add_task(what, total=total)
             bar.update(tasks[what], completed=done, total=total)
+            if done >= total:
+                bar.remove_task(tasks.pop(what))
 
-        yield update
+        say = log.say if log is not None else None
+        if log is not None and show and sys.stdout.isatty():
+            log.say = lambda m: bar.console.print(m, highlight=False, soft_wrap=True)
+        try:
+            yield update
+        finally:
+            if log is not None and say is not None:
+                log.say = say

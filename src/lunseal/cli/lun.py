@@ -81,6 +81,12 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="LUN name")) -
     emit(ctx, info, lambda: _print_details(info))
 
 
+def _mode(info: LunInfo) -> str:
+    if not info.read_only:
+        return "read-write"
+    return f"read-only ({info.read_only_reason})" if info.read_only_reason else "read-only"
+
+
 def _print_details(info: LunInfo) -> None:
     created = dt.datetime.fromtimestamp(info.created_at).isoformat(timespec="seconds")
     rows = [
@@ -88,7 +94,7 @@ def _print_details(info: LunInfo) -> None:
         ("number", str(info.number)),
         ("uuid", info.uuid),
         ("size", f"{format_size(info.size)} ({info.size} bytes)"),
-        ("mode", "read-only" if info.read_only else "read-write"),
+        ("mode", _mode(info)),
         ("available", "yes" if info.available else f"NO: {info.unavailable_reason}"),
         ("backend", f"{info.backend} {info.path}"),
         ("created", created),

@@ -27,10 +27,13 @@ def create(
     create_target: bool = typer.Option(False, "--create-target", help="create the target"),
     name: str | None = typer.Option(None, "--name", help="mirror name (default: target)"),
     wait: bool = WAIT_OPTION,
+    force: bool = typer.Option(False, "--force", help="overwrite a target that holds data"),
 ) -> None:
     """Mirror SOURCE onto TARGET; the initial copy runs in the background."""
     with client(ctx) as api:
-        info = api.create_mirror(source, target, name=name, create_target=create_target)
+        info = api.create_mirror(
+            source, target, name=name, create_target=create_target, force=force
+        )
         info = _maybe_wait(ctx, api, info, wait)
     _show(ctx, info)
 
@@ -100,7 +103,9 @@ def split(
 
 @app.command("resync")
 def resync(
-    ctx: typer.Context, mirror: str = typer.Argument(..., help="mirror"), wait: bool = WAIT_OPTION
+    ctx: typer.Context,
+    mirror: str = typer.Argument(..., help="mirror (name, id or target LUN)"),
+    wait: bool = WAIT_OPTION,
 ) -> None:
     """Copy the regions changed since the split, source -> target; then synced."""
     with client(ctx) as api:
@@ -110,11 +115,14 @@ def resync(
 
 @app.command("restore")
 def restore(
-    ctx: typer.Context, mirror: str = typer.Argument(..., help="mirror"), wait: bool = WAIT_OPTION
+    ctx: typer.Context,
+    mirror: str = typer.Argument(..., help="mirror"),
+    wait: bool = WAIT_OPTION,
+    force: bool = typer.Option(False, "--force", help="even while hosts use the source"),
 ) -> None:
     """Copy the regions changed since the split, target -> source; stays split."""
     with client(ctx) as api:
-        info = _maybe_wait(ctx, api, api.restore_mirror(mirror), wait)
+        info = _maybe_wait(ctx, api, api.restore_mirror(mirror, force=force), wait)
     _show(ctx, info)
 
 

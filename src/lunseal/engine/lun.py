@@ -270,6 +270,10 @@ class Lun:
             self._done()
         self.record = self.record.with_changes(size=new_size)
 
+    def peers(self) -> list[str]:
+        """Who has the LUN open (NBD connections' peers), for "in use by" messages."""
+        return sorted(str(getattr(user, "peer", "?")) for user in self.users)
+
     def revoke_users(self, reason: str) -> None:
         for user in list(self.users):
             user.revoke(reason)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from lunseal.engine.changemap import ChangeMap
+from lunseal.engine.changemap import ChangedExtent, ChangeMap
 from lunseal.engine.lun import Lun
 from lunseal.errors import BackendError, Conflict
 
@@ -369,11 +369,18 @@ class Mirror:
 
     # -- status ------------------------------------------------------------------------------
 
-    def dirty_bytes(self) -> int:
-        """Bytes in regions that differ or may differ (union of both sides)."""
+    def _union(self) -> ChangeMap:
         union = ChangeMap(self.work.size, self.work.granularity, bytearray(self.work.regions))
         union.merge(self.maps[TARGET])
-        return union.changed_bytes()
+        return union
+
+    def dirty_bytes(self) -> int:
+        """Bytes in regions that differ or may differ (union of both sides)."""
+        return self._union().changed_bytes()
+
+    def copy_extents(self) -> list[ChangedExtent]:
+        """The regions that differ or may differ: what a resync or restore copies."""
+        return self._union().extents()
 
     def progress(self) -> float:
         """Percent done of the running copy (100 when idle)."""

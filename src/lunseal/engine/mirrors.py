@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 LunByUuid = Callable[[str], Lun | None]
 
 
+def _refuse_if_holds_data(target: Lun) -> None:
+    # Allocated extents count as data: cheap to ask, and "maybe data" must not be overwritten.
+    data = next((e for e in target.backend.extents(0, target.size) if not e.zero), None)
+    if data is not None:
+        raise Conflict(
+            f"target LUN {target.name} is not empty (data at byte {data.offset}): the mirror "
+            "would overwrite it; use force to do it anyway"
+        )
+
+
 class MirrorSet:
     def __init__(self, store: SqliteMirrorStore, lun_by_uuid: LunByUuid) -> None:
         self.store = store
@@ -70,12 +80,13 @@ class MirrorSet:
         return sorted(self._mirrors.values(), key=lambda m: m.record.created_at)
 
     def get(self, name: str) -> Mirror:
-        """By mirror name, or by the name of its target LUN."""
+        """By mirror name, by its id (what ``mirror status --json`` prints), or by
+        the name of its target LUN."""
         found = self._mirrors.get(name) or next(
-            (m for m in self._mirrors.values() if m.target.name == name), None
+            (m for m in self._mirrors.values() if name in (m.record.id, m.target.name)), None
         )
         if found is None:
-            raise NotFound(f"no mirror named {name!r} (nor one with target LUN {name!r})")
+            raise NotFound(f"no mirror named {name!r} (nor one with that id or target LUN)")
         return found
 
     def of_lun(self, lun: Lun) -> list[Mirror]:
@@ -83,9 +94,15 @@ class MirrorSet:
 
     # -- management ---------------------------------------------------------------------
 
-    def create(self, source: Lun, target: Lun, name: str | None = None) -> Mirror:
+    def create(
+        self, source: Lun, target: Lun, name: str | None = None, *, require_empty: bool = False
+    ) -> Mirror:
+        """Pair ``source`` with ``target``; with ``require_empty``, refuse a target
+        that holds data (the initial sync overwrites all of it)."""
         name = validate_name(name or target.name)
         self._check_pair(source, target, name)
+        if require_empty:
+            _refuse_if_holds_data(target)
         rec = MirrorRecord(
             id=str(uuidlib.uuid4()),
             name=name,

@@ -20,6 +20,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 import time
 from collections import deque
 from pathlib import Path
@@ -87,11 +88,11 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = str(transport.get_extra_info("peername") or "unix")
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         _enlarge_socket_buffers(transport)
         sock = transport.get_extra_info("socket")
         self._sock_fd = sock.fileno() if sock is not None else -1
+        self.peer = _peer_name(transport.get_extra_info("peername"), sock)
         self.server.connections.add(self)
         timeout = self.server.handshake_timeout
         if timeout is not None:
@@ -504,7 +505,7 @@ class NbdServer:
         return len(self.connections) + self._attaching >= self.max_connections
 
     def _refuse(self, conn: socket.socket) -> None:
-        peer = _peer_name(conn)
+        peer = _socket_peer(conn)
         conn.close()
         self._refused_log.log(
             logging.WARNING,
@@ -523,7 +524,7 @@ class NbdServer:
             if not self._listeners:
                 protocol.close()  # the server closed while this one was being set up
         except OSError as exc:
-            log.warning("NBD connection from %s failed to start: %s", _peer_name(conn), exc)
+            log.warning("NBD connection from %s failed to start: %s", _socket_peer(conn), exc)
             conn.close()
         finally:
             self._attaching -= 1
@@ -599,9 +600,9 @@ def _open_spare_fd() -> int:
         return -1
 
 
-def _peer_name(conn: socket.socket) -> str:
+def _socket_peer(conn: socket.socket) -> str:
     try:
-        return str(conn.getpeername() or "unix")
+        return _peer_name(conn.getpeername(), conn)
     except OSError:
         return "?"
 
@@ -623,3 +624,18 @@ def _fd_bounded(wanted: int) -> int:
         )
         return budget
     return wanted
+
+
+def _peer_name(peername: object, sock: socket.socket | None) -> str:
+    """The peer as logs and "in use by" messages show it: "127.0.0.1:41234", or for a
+    Unix socket the process behind it ("unix pid N")."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = f"[{peername[0]}]" if ":" in str(peername[0]) else peername[0]
+        return f"{host}:{peername[1]}"
+    if peername:
+        return str(peername)
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12) if sock else b""
+        return f"unix pid {struct.unpack('3i', creds)[0]}"
+    except (OSError, struct.error):
+        return "unix"
