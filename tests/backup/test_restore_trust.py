@@ -66,6 +66,12 @@ def token_intact(daemon: Daemon, archive: Path, backup_id: str) -> bool:
         return api.check_token("app-copy", token["token"]).result == "intact"
 
 
+def check_reason(daemon: Daemon, archive: Path, backup_id: str) -> str:
+    token = json.loads(lunseal(daemon, archive, "backup", "show", backup_id, "--json").stdout)
+    with daemon.client() as api:
+        return api.check_token("app-copy", token["token"]).reason
+
+
 def test_a_bypass_write_into_the_copy_never_reaches_the_source(
     daemon: Daemon, archive: Path, taken: tuple[str, Path]
 ) -> None:
@@ -73,10 +79,14 @@ def test_a_bypass_write_into_the_copy_never_reaches_the_source(
     bypass_write(copy_file(daemon), 5 * MiB + 8192, 4096)  # chunk 5 of the copy
     write(daemon, "app", 5 * MiB, 64 * 1024, 0x11)  # so the reverse resync copies that region
     write(daemon, "app", 9 * MiB, 64 * 1024, 0x12)
-    # The array cannot see the dd: the token still says "intact" (the mirror path).
-    assert token_intact(daemon, archive, backup_id)
+    # The array notices this dd (the file's stamp moved), so the token says
+    # "changed"; a dd in the same timestamp tick as one of the array's own writes
+    # would not be noticed.  Either way the digests decide: force the mirror path
+    # as if the token had stayed intact, and the bad chunk must not reach the source.
+    assert not token_intact(daemon, archive, backup_id)
+    assert "changed by another process" in check_reason(daemon, archive, backup_id)
 
-    done = restore(daemon, archive, backup_id)
+    done = restore(daemon, archive, backup_id, "--from", "mirror", "--i-know")
     assert done["path"] == "mirror", done
     assert done["mirror_mismatches"] == [5]
     assert done["repaired"] == []
@@ -95,9 +105,12 @@ def test_verify_mirror_full_checks_chunks_the_resync_would_not_copy(
     backup_id, saved = taken
     bypass_write(copy_file(daemon), 12 * MiB, 4096)  # a region nobody wrote through the array
     write(daemon, "app", 0, 64 * 1024, 0x11)
-    assert restore(daemon, archive, backup_id)["mirror_mismatches"] == []  # not copied: unseen
+    # The dd is noticed (the token changed); take the mirror path regardless, as
+    # for a dd the stamp could not show (see the test above).
+    mirror = ("--from", "mirror", "--i-know")
+    assert restore(daemon, archive, backup_id, *mirror)["mirror_mismatches"] == []  # unseen
     write(daemon, "app", 0, 64 * 1024, 0x11)
-    done = restore(daemon, archive, backup_id, "--verify-mirror", "full")
+    done = restore(daemon, archive, backup_id, *mirror, "--verify-mirror", "full")
     assert done["mirror_mismatches"] == [12]
     assert equals(daemon, "app", saved)
     bad = lunseal(daemon, archive, "restore", backup_id, "--verify-mirror", "most", ok=False)

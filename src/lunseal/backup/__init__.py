@@ -1,4 +1,4 @@
-"""Host-side backup and restore (DESIGN.md section 5).
+"""Host-side backup and restore (docs/design.md section 5).
 
 Everything here talks to the array only through the management API
 (:class:`lunseal.client.ArrayClient`) and NBD (:class:`lunseal.nbd.client.NbdClient`),

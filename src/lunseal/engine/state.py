@@ -1,4 +1,4 @@
-"""LUN state tracking: holds, tokens and crash-safe state (DESIGN.md section 3).
+"""LUN state tracking: holds, tokens and crash-safe state (docs/design.md section 3).
 
 A LUN's state is ``(epoch, mode, value)``; a token is that state plus the LUN's
 UUID, as an opaque string.  The rules that make the contract hold:
