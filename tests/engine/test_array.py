@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lunseal.engine.array import LUN_DIR, Array
+from lunseal.engine.backing import CATALOG_FILE
 from lunseal.engine.file_backend import FileBackend
 from lunseal.errors import Conflict, DataDirLocked, InvalidArgument, LunsealError, NotFound
 
@@ -373,8 +375,10 @@ def test_a_failed_flush_at_close_is_recorded_as_unclean(arrays: Arrays, array: A
 
 
 def test_a_failed_open_releases_the_data_directory(arrays: Arrays, array: Array) -> None:
-    array.catalog.set_meta("schema_version", "999")
     arrays.close(array)
+    db = sqlite3.connect(arrays.data_dir / CATALOG_FILE)
+    db.execute("PRAGMA user_version = 999")
+    db.close()
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(LunsealError, match="upgrade lunseal"):
         arrays.open()

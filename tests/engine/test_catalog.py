@@ -55,7 +55,12 @@ def test_uses_wal(catalog: Catalog) -> None:
 
 
 def test_records_the_schema_version(catalog: Catalog) -> None:
-    assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION)
+    assert catalog.schema_version == SCHEMA_VERSION
+    db = sqlite3.connect(catalog.path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        db.close()
 
 
 def test_meta_is_set_overwritten_and_persisted(catalog: Catalog) -> None:
@@ -109,8 +114,10 @@ def test_names_numbers_and_uuids_are_unique(catalog: Catalog, duplicate: LunReco
 
 
 def test_a_newer_schema_is_refused_and_the_database_closed(catalog: Catalog) -> None:
-    catalog.set_meta("schema_version", str(SCHEMA_VERSION + 1))
     catalog.close()
+    db = sqlite3.connect(catalog.path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(LunsealError, match="upgrade lunseal"):
         Catalog(catalog.path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from lunseal.engine.array import Array
+from lunseal.engine.catalog import migrate
 from lunseal.engine.changemap import ChangedExtent
 from lunseal.engine.lun import Lun, LunRecord
 from lunseal.engine.memory_backend import MemoryBackend
@@ -88,6 +89,7 @@ class Bare:
     ) -> None:
         self.db_path = tmp_path / "state.sqlite"
         self.db = open_db(self.db_path)
+        migrate(self.db)  # the catalog's tables, without its LUN records
         self.store = SqliteStateStore(self.db)
         record = LunRecord(
             uuid=str(uuidlib.uuid4()),
@@ -364,6 +366,18 @@ def test_flag_mode_check_sees_a_write_made_after_the_token(bare: Bare) -> None:
     assert not result.intact
     assert result.current is not None
     assert result.current != token
+
+
+def test_flag_mode_a_second_hold_after_a_write_gets_a_new_token(bare: Bare) -> None:
+    """C1: the second hold's token is issued after the write, so it must differ from
+    the token issued before it (and a later token equals it: no change since)."""
+    _hold, before = bare.tracker.acquire("job", mode="flag")
+    bare.lun.write(0, b"x")
+    _hold, second = bare.tracker.acquire("second")
+    assert second != before
+    assert not bare.tracker.check(before).intact
+    assert bare.tracker.token() == second
+    assert bare.persisted() == bare.tracker.state  # the re-armed flag is durable
 
 
 def test_flag_mode_flag_is_not_lost_by_a_checkpoint_and_restart(arrays: Arrays) -> None:

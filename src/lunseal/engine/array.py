@@ -384,8 +384,7 @@ class Array:
         for m in mirrors:
             self.mirrors.delete(m.name)
         lun.revoke_users(f"LUN {name} was deleted")
-        self.catalog.delete_lun(lun.record.uuid)
-        self.catalog.states.delete_lun(lun.record.uuid)
+        self.catalog.delete_lun(lun.record.uuid)  # its state and holds go with it
         self._trackers.pop(lun.record.uuid, None)
         del self._luns[name]
         self._release_backing(lun)

@@ -2,40 +2,211 @@
 
 One database file in the data directory, WAL mode, ``synchronous=FULL``:
 catalog changes are rare management operations, so every commit is durable.
-Schema changes bump ``SCHEMA_VERSION`` and add a migration step.
+
+The schema lives here and only here, as an ordered list of migration steps;
+``PRAGMA user_version`` says how many have run.  Each step runs in one
+transaction together with its version bump, so a crash during an upgrade
+leaves the catalog at the old version, never half-way.  A new catalog runs
+every step, so the upgrade path is the path every catalog takes.  To change
+the schema, append a step (never edit one that has shipped).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror_store import SqliteMirrorStore
-from lunseal.engine.sqlite_guard import guarded
-from lunseal.engine.state_store import SqliteStateStore, migrate_epochs_to_text
-from lunseal.errors import LunsealError
+from lunseal.engine.sqlite_guard import guarded, transaction
+from lunseal.engine.state_store import SqliteStateStore
+from lunseal.errors import CatalogError, LunsealError
 
-#: 2: state epochs are random text with a history (schema 1 counted them).
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS luns (
-    uuid       TEXT PRIMARY KEY,
-    name       TEXT NOT NULL UNIQUE,
-    number     INTEGER NOT NULL UNIQUE,
-    size       INTEGER NOT NULL,
-    backend    TEXT NOT NULL,
-    path       TEXT NOT NULL,
-    owned      INTEGER NOT NULL,
-    read_only  INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
+Step = Callable[[sqlite3.Connection], None]
+
+
+def _run(db: sqlite3.Connection, script: str) -> None:
+    # Not executescript: it commits first, and a step must stay one transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _step1_tables(db: sqlite3.Connection) -> None:
+    """Schema 1: LUNs, their states and holds, mirrors (epochs counted as integers).
+
+    ``IF NOT EXISTS`` because catalogs written before ``user_version`` was used
+    may lack the tables of features added later (they were created on open).
+    """
+    _run(
+        db,
+        """
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS luns (
+            uuid TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, number INTEGER NOT NULL UNIQUE,
+            size INTEGER NOT NULL, backend TEXT NOT NULL, path TEXT NOT NULL,
+            owned INTEGER NOT NULL, read_only INTEGER NOT NULL, created_at REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS lun_state (
+            lun_uuid TEXT PRIMARY KEY, mode TEXT NOT NULL, epoch INTEGER NOT NULL,
+            value TEXT NOT NULL, flag INTEGER NOT NULL, clean INTEGER NOT NULL, stamp TEXT,
+            epoch_reason TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS holds (
+            lun_uuid TEXT NOT NULL, name TEXT NOT NULL, created_at REAL NOT NULL,
+            token TEXT NOT NULL, granularity INTEGER, map_size INTEGER, map BLOB,
+            PRIMARY KEY (lun_uuid, name));
+        CREATE TABLE IF NOT EXISTS mirrors (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, source_uuid TEXT NOT NULL,
+            target_uuid TEXT NOT NULL UNIQUE, state TEXT NOT NULL, created_at REAL NOT NULL,
+            split_at REAL, target_access TEXT NOT NULL, op_total INTEGER NOT NULL,
+            reason TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS mirror_maps (
+            mirror_id TEXT NOT NULL, side TEXT NOT NULL, size INTEGER NOT NULL,
+            map BLOB NOT NULL, PRIMARY KEY (mirror_id, side));
+        CREATE TABLE IF NOT EXISTS mirror_intents (
+            mirror_id TEXT NOT NULL, side TEXT NOT NULL, region INTEGER NOT NULL,
+            PRIMARY KEY (mirror_id, side, region));
+        """,
+    )
+
+
+def _step2_text_epochs(db: sqlite3.Connection) -> None:
+    """Schema 2: epochs are random text with a history.  Old counters keep their
+    decimal form, so tokens issued before the upgrade still check; a column of
+    INTEGER affinity would turn an all-digit hex epoch into a number."""
+    _run(
+        db,
+        """
+        CREATE TABLE lun_state_v2 (
+            lun_uuid TEXT PRIMARY KEY, mode TEXT NOT NULL, epoch TEXT NOT NULL,
+            value TEXT NOT NULL, flag INTEGER NOT NULL, clean INTEGER NOT NULL, stamp TEXT,
+            epoch_reason TEXT NOT NULL, epoch_history TEXT NOT NULL DEFAULT '[]');
+        INSERT INTO lun_state_v2 (lun_uuid, mode, epoch, value, flag, clean, stamp,
+            epoch_reason)
+            SELECT lun_uuid, mode, CAST(epoch AS TEXT), value, flag, clean, stamp,
+                epoch_reason FROM lun_state;
+        DROP TABLE lun_state;
+        ALTER TABLE lun_state_v2 RENAME TO lun_state
+        """,
+    )
+
+
+#: Schema 3: foreign keys.  A LUN's state and holds go with it; a mirror keeps
+#: its LUNs (the array deletes a LUN's mirrors first, or refuses); maps and
+#: intents go with their mirror.  Rows that already lost their parent (a crash
+#: between the separate deletes of older versions) are dropped on the way.
+_STEP3_TABLES = {
+    "lun_state": (
+        """CREATE TABLE lun_state (
+            lun_uuid TEXT PRIMARY KEY REFERENCES luns (uuid) ON DELETE CASCADE,
+            mode TEXT NOT NULL, epoch TEXT NOT NULL, value TEXT NOT NULL,
+            flag INTEGER NOT NULL, clean INTEGER NOT NULL, stamp TEXT,
+            epoch_reason TEXT NOT NULL, epoch_history TEXT NOT NULL DEFAULT '[]')""",
+        "lun_uuid IN (SELECT uuid FROM luns)",
+    ),
+    "holds": (
+        """CREATE TABLE holds (
+            lun_uuid TEXT NOT NULL REFERENCES luns (uuid) ON DELETE CASCADE,
+            name TEXT NOT NULL, created_at REAL NOT NULL, token TEXT NOT NULL,
+            granularity INTEGER, map_size INTEGER, map BLOB,
+            PRIMARY KEY (lun_uuid, name))""",
+        "lun_uuid IN (SELECT uuid FROM luns)",
+    ),
+    "mirrors": (
+        """CREATE TABLE mirrors (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            source_uuid TEXT NOT NULL REFERENCES luns (uuid) ON DELETE RESTRICT,
+            target_uuid TEXT NOT NULL UNIQUE REFERENCES luns (uuid) ON DELETE RESTRICT,
+            state TEXT NOT NULL, created_at REAL NOT NULL, split_at REAL,
+            target_access TEXT NOT NULL, op_total INTEGER NOT NULL, reason TEXT NOT NULL)""",
+        "source_uuid IN (SELECT uuid FROM luns) AND target_uuid IN (SELECT uuid FROM luns)",
+    ),
+    "mirror_maps": (
+        """CREATE TABLE mirror_maps (
+            mirror_id TEXT NOT NULL REFERENCES mirrors (id) ON DELETE CASCADE,
+            side TEXT NOT NULL, size INTEGER NOT NULL, map BLOB NOT NULL,
+            PRIMARY KEY (mirror_id, side))""",
+        "mirror_id IN (SELECT id FROM mirrors)",
+    ),
+    "mirror_intents": (
+        """CREATE TABLE mirror_intents (
+            mirror_id TEXT NOT NULL REFERENCES mirrors (id) ON DELETE CASCADE,
+            side TEXT NOT NULL, region INTEGER NOT NULL,
+            PRIMARY KEY (mirror_id, side, region))""",
+        "mirror_id IN (SELECT id FROM mirrors)",
+    ),
+}
+
+
+def _step3_foreign_keys(db: sqlite3.Connection) -> None:
+    # SQLite cannot add a constraint to a table: rebuild each one.  The old
+    # tables are renamed first, so the new ones are created under their final
+    # names (renaming a table later would rewrite references to it).
+    for table in _STEP3_TABLES:
+        db.execute(f"ALTER TABLE {table} RENAME TO {table}_v2")
+    for table, (ddl, keep) in _STEP3_TABLES.items():  # parents before children
+        db.execute(ddl)
+        columns = ", ".join(
+            str(row[1]) for row in db.execute(f"PRAGMA table_info({table}_v2)").fetchall()
+        )
+        db.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_v2 WHERE {keep}")
+        dropped = db.execute(f"SELECT count(*) FROM {table}_v2 WHERE NOT ({keep})").fetchone()[0]
+        if dropped:
+            log.warning(
+                "catalog upgrade: dropped %d %s row(s) whose LUN or mirror is gone", dropped, table
+            )
+    for table in reversed(_STEP3_TABLES):
+        db.execute(f"DROP TABLE {table}_v2")
+    db.execute("CREATE INDEX mirrors_source ON mirrors (source_uuid)")
+    # The version lives in user_version from now on.
+    db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+
+
+#: Step ``i`` takes the catalog from version ``i`` to ``i + 1``.
+STEPS: tuple[Step, ...] = (_step1_tables, _step2_text_epochs, _step3_foreign_keys)
+SCHEMA_VERSION = len(STEPS)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The catalog's version; catalogs before schema 3 kept it in ``meta``."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version:
+        return version
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+        return 0
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return 1 if row is None else int(row[0])
+
+
+def migrate(db: sqlite3.Connection, path: Path | str = "catalog") -> None:
+    """Bring the catalog to :data:`SCHEMA_VERSION`, one transaction per step."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise LunsealError(
+            f"catalog {path} has schema version {version}, newer than this "
+            f"lunseal ({SCHEMA_VERSION}); upgrade lunseal"
+        )
+    if version and not int(db.execute("PRAGMA user_version").fetchone()[0]):
+        # A catalog of the meta era: fill in tables it may lack, adopt its version.
+        with transaction(db):
+            _step1_tables(db)
+            db.execute(f"PRAGMA user_version = {version}")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        try:
+            with transaction(db):
+                STEPS[target - 1](db)
+                db.execute(f"PRAGMA user_version = {target}")
+        except sqlite3.Error as exc:
+            raise CatalogError(
+                f"catalog {path}: upgrade to schema {target} failed: {exc} (the catalog "
+                f"was left at schema {target - 1})"
+            ) from exc
+        if target > 1:
+            log.info("catalog %s upgraded to schema %d", path, target)
+
 
 _LUN_COLUMNS = "uuid, name, number, size, backend, path, owned, read_only, created_at"
 
@@ -49,26 +220,16 @@ class Catalog:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            migrate(self._db, path)
             self.states = SqliteStateStore(self._db)
             self.mirrors = SqliteMirrorStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
             raise
 
-    def _migrate(self) -> None:
-        with self._db:
-            self._db.executescript(_SCHEMA)
-            found = self.get_meta("schema_version")
-            if found is not None and int(found) > SCHEMA_VERSION:
-                raise LunsealError(
-                    f"catalog {self.path} has schema version {found}, newer than this "
-                    f"lunseal ({SCHEMA_VERSION}); upgrade lunseal"
-                )
-            if found is not None and int(found) < 2:
-                migrate_epochs_to_text(self._db)
-            if found != str(SCHEMA_VERSION):
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
+    @property
+    def schema_version(self) -> int:
+        return schema_version(self._db)
 
     def close(self) -> None:
         self._db.close()

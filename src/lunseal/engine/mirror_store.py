@@ -1,4 +1,5 @@
-"""SQLite persistence of mirrors, their region maps and intent logs."""
+"""SQLite persistence of mirrors, their region maps and intent logs (the tables are
+defined by the catalog's migrations; a mirror's maps and intents go with it)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,7 @@ import sqlite3
 
 from lunseal.engine.changemap import ChangeMap
 from lunseal.engine.mirror import GRANULARITY, INTENT_REGION, SOURCE, TARGET, MirrorRecord
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS mirrors (
-    id            TEXT PRIMARY KEY,
-    name          TEXT NOT NULL UNIQUE,
-    source_uuid   TEXT NOT NULL,
-    target_uuid   TEXT NOT NULL UNIQUE,
-    state         TEXT NOT NULL,
-    created_at    REAL NOT NULL,
-    split_at      REAL,
-    target_access TEXT NOT NULL,
-    op_total      INTEGER NOT NULL,
-    reason        TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS mirror_maps (
-    mirror_id TEXT NOT NULL,
-    side      TEXT NOT NULL,
-    size      INTEGER NOT NULL,
-    map       BLOB NOT NULL,
-    PRIMARY KEY (mirror_id, side)
-);
-CREATE TABLE IF NOT EXISTS mirror_intents (
-    mirror_id TEXT NOT NULL,
-    side      TEXT NOT NULL,
-    region    INTEGER NOT NULL,
-    PRIMARY KEY (mirror_id, side, region)
-);
-"""
+from lunseal.engine.sqlite_guard import guarded, transaction
 
 _COLUMNS = (
     "id, name, source_uuid, target_uuid, state, created_at, split_at, target_access, "
@@ -44,12 +18,25 @@ _COLUMNS = (
 class SqliteMirrorStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        with db:
-            db.executescript(SCHEMA)
 
-    def save_mirror(self, rec: MirrorRecord) -> None:
+    @guarded
+    def save_mirror(self, rec: MirrorRecord, maps: dict[str, ChangeMap] | None = None) -> None:
+        """Save the record, and with ``maps`` its region maps in the same transaction."""
+        with transaction(self._db):
+            self._upsert(rec)
+            if maps is not None:
+                self._save_maps(rec.id, maps)
+
+    def _upsert(self, rec: MirrorRecord) -> None:
+        # Not INSERT OR REPLACE: that deletes the row first, and the delete
+        # would cascade to the mirror's maps and intents.
         self._db.execute(
-            f"INSERT OR REPLACE INTO mirrors ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO mirrors ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET name = excluded.name, "
+            "source_uuid = excluded.source_uuid, target_uuid = excluded.target_uuid, "
+            "state = excluded.state, created_at = excluded.created_at, "
+            "split_at = excluded.split_at, target_access = excluded.target_access, "
+            "op_total = excluded.op_total, reason = excluded.reason",
             (
                 rec.id,
                 rec.name,
@@ -82,13 +69,16 @@ class SqliteMirrorStore:
             for r in rows
         ]
 
+    @guarded
     def save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None:
-        with self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO mirror_maps (mirror_id, side, size, map) "
-                "VALUES (?, ?, ?, ?)",
-                [(mirror_id, side, m.size, m.to_blob()) for side, m in maps.items()],
-            )
+        with transaction(self._db):
+            self._save_maps(mirror_id, maps)
+
+    def _save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO mirror_maps (mirror_id, side, size, map) VALUES (?, ?, ?, ?)",
+            [(mirror_id, side, m.size, m.to_blob()) for side, m in maps.items()],
+        )
 
     def log_intent(self, mirror_id: str, side: str, region: int) -> None:
         self._db.execute(
@@ -119,11 +109,6 @@ class SqliteMirrorStore:
             maps[side].mark(start, max(0, min(INTENT_REGION, size - start)))
         return maps, intents
 
+    @guarded
     def delete_mirror(self, mirror_id: str) -> None:
-        with self._db:
-            for table, column in (
-                ("mirrors", "id"),
-                ("mirror_maps", "mirror_id"),
-                ("mirror_intents", "mirror_id"),
-            ):
-                self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (mirror_id,))
+        self._db.execute("DELETE FROM mirrors WHERE id = ?", (mirror_id,))  # maps, intents cascade

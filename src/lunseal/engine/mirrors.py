@@ -113,9 +113,8 @@ class MirrorSet:
         )
         maps = {side: ChangeMap(source.size, GRANULARITY) for side in (SOURCE, TARGET)}
         maps[SOURCE].mark_all()  # the initial sync copies everything
-        # Maps first: a mirror record found without its maps would sync nothing.
-        self.store.save_maps(rec.id, maps)
-        self.store.save_mirror(rec)
+        # One transaction: a mirror record found without its maps would sync nothing.
+        self.store.save_mirror(rec, maps)
         mirror = self._attach(rec, source, target, maps, set())
         mirror.begin_sync()
         log.info("mirror %s created: %s -> %s", name, source.name, target.name)

@@ -3,9 +3,10 @@ so front ends answer them like any other lunseal error (API 503, NBD EIO)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 from lunseal.errors import CatalogError
@@ -31,3 +32,24 @@ def guarded(method: Callable[P, R]) -> Callable[P, R]:
             raise catalog_error(exc) from exc
 
     return wrapper
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """Run the block as one write transaction: all of it is durable, or none.
+
+    Inside another transaction the block joins it, so composite updates nest.
+    The connection must be in autocommit mode (``isolation_level=None``).
+    """
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        # SQLite rolls back by itself after some errors (disk full, I/O error).
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

@@ -108,9 +108,11 @@ class StateStore(Protocol):
 
     def save_state(self, state: LunState) -> None: ...
 
-    def save_hold(self, lun_uuid: str, hold: Hold) -> None: ...
+    def save_hold(self, lun_uuid: str, hold: Hold, state: LunState | None = None) -> None:
+        """Save ``hold`` and, if given, ``state`` in one transaction."""
 
-    def delete_hold(self, lun_uuid: str, name: str) -> None: ...
+    def delete_hold(self, lun_uuid: str, name: str, state: LunState | None = None) -> None:
+        """Delete the hold and, if given, save ``state`` in one transaction."""
 
     def save_change_maps(self, lun_uuid: str, holds: Iterable[Hold]) -> None: ...
 
@@ -391,12 +393,20 @@ class StateTracker:
         if granularity is not None:
             changes = ChangeMap(self.lun.size, granularity)  # 0 is invalid, not the default
         self.verify()
+        # The first hold turns tracking on: the new state and the hold are saved
+        # in one transaction, so a failure leaves neither (and nothing adopted).
+        state = None
         if not self.holds:
-            self._commit(self._transition(replace(self.state, mode=mode or DEFAULT_MODE)))
+            state = self._transition(replace(self.state, mode=mode or DEFAULT_MODE))
+        elif self.state.flag:
+            # Flag mode, changed since the last token: the hold's token re-arms the
+            # flag as token() does, or it would equal the token issued before the change.
+            state = replace(self.state, value=self.state.value + 1, flag=False)
+        s = state or self.state
         hold = Hold(name, time.time(), changes=changes)
-        s = self.state
         hold.token = format_token(self.lun.record.uuid, s.epoch, s.mode, s.value)
-        self.store.save_hold(self.lun.record.uuid, hold)
+        self.store.save_hold(self.lun.record.uuid, hold, state)
+        self.state = s
         self.holds[name] = hold
         log.info("LUN %s: hold %r acquired (%s mode)", self.lun.name, name, self.state.mode)
         return hold, hold.token
@@ -404,10 +414,10 @@ class StateTracker:
     def release(self, name: str = DEFAULT_HOLD) -> None:
         if name not in self.holds:
             raise NotFound(f"LUN {self.lun.name} has no hold named {name!r}")
-        if len(self.holds) == 1:
-            # Change the state before tracking stops, as the seed prescribes.
-            self._commit(self._transition(self.state))
-        self.store.delete_hold(self.lun.record.uuid, name)
+        # Change the state when tracking stops (C4), in the hold's delete transaction.
+        state = self._transition(self.state) if len(self.holds) == 1 else None
+        self.store.delete_hold(self.lun.record.uuid, name, state)
+        self.state = state or self.state
         del self.holds[name]
         log.info("LUN %s: hold %r released", self.lun.name, name)
 

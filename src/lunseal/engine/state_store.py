@@ -1,8 +1,10 @@
-"""SQLite persistence of LUN state, holds and change maps (shares the catalog's DB).
+"""SQLite persistence of LUN state, holds and change maps (shares the catalog's DB;
+the tables are defined by the catalog's migrations).
 
 Every method commits before it returns; with ``synchronous=FULL`` that makes it
 durable, which the state tracker relies on (the dirty mark must reach the
-disk before the change it announces reaches the backend).
+disk before the change it announces reaches the backend).  A method that
+writes more than one row does so in one transaction: all or nothing.
 """
 
 from __future__ import annotations
@@ -13,73 +15,19 @@ from collections.abc import Iterable
 
 from lunseal.engine.backend import FileStamp
 from lunseal.engine.changemap import ChangeMap
-from lunseal.engine.sqlite_guard import guarded
+from lunseal.engine.sqlite_guard import guarded, transaction
 from lunseal.engine.state import Hold, LunState
-
-# Epochs are text: random hex since schema 2, decimal counters before it (a
-# column of INTEGER affinity would turn an all-digit hex epoch into a number).
-_LUN_STATE = """
-CREATE TABLE IF NOT EXISTS {name} (
-    lun_uuid      TEXT PRIMARY KEY,
-    mode          TEXT NOT NULL,
-    epoch         TEXT NOT NULL,
-    value         TEXT NOT NULL,
-    flag          INTEGER NOT NULL,
-    clean         INTEGER NOT NULL,
-    stamp         TEXT,
-    epoch_reason  TEXT NOT NULL,
-    epoch_history TEXT NOT NULL DEFAULT '[]'
-);
-"""
-
-SCHEMA = (
-    _LUN_STATE.format(name="lun_state")
-    + """
-CREATE TABLE IF NOT EXISTS holds (
-    lun_uuid    TEXT NOT NULL,
-    name        TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    token       TEXT NOT NULL,
-    granularity INTEGER,
-    map_size    INTEGER,
-    map         BLOB,
-    PRIMARY KEY (lun_uuid, name)
-);
-"""
-)
-
-
-def migrate_epochs_to_text(db: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: epochs become text (old counters keep their decimal form,
-    so tokens issued before the upgrade still check) and get a history."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lun_state'").fetchone() is None:
-        return
-    # One transaction: a crash half-way must not lose the LUNs' states.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute(_LUN_STATE.format(name="lun_state_v2"))
-        db.execute(
-            "INSERT INTO lun_state_v2 (lun_uuid, mode, epoch, value, flag, clean, stamp, "
-            "epoch_reason) SELECT lun_uuid, mode, CAST(epoch AS TEXT), value, flag, clean, "
-            "stamp, epoch_reason FROM lun_state"
-        )
-        db.execute("DROP TABLE lun_state")
-        db.execute("ALTER TABLE lun_state_v2 RENAME TO lun_state")
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 class SqliteStateStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        with db:
-            db.executescript(SCHEMA)
 
     @guarded
     def save_state(self, state: LunState) -> None:
+        self._save_state(state)
+
+    def _save_state(self, state: LunState) -> None:
         stamp = None if state.stamp is None else json.dumps(state.stamp.__dict__)
         self._db.execute(
             "INSERT INTO lun_state (lun_uuid, mode, epoch, value, flag, clean, stamp, "
@@ -124,7 +72,14 @@ class SqliteStateStore:
         )
 
     @guarded
-    def save_hold(self, lun_uuid: str, hold: Hold) -> None:
+    def save_hold(self, lun_uuid: str, hold: Hold, state: LunState | None = None) -> None:
+        """Save a new hold, and with it ``state`` (the first hold turns tracking on)."""
+        with transaction(self._db):
+            if state is not None:
+                self._save_state(state)
+            self._insert_hold(lun_uuid, hold)
+
+    def _insert_hold(self, lun_uuid: str, hold: Hold) -> None:
         changes = hold.changes
         self._db.execute(
             "INSERT OR REPLACE INTO holds (lun_uuid, name, created_at, token, granularity, "
@@ -141,8 +96,12 @@ class SqliteStateStore:
         )
 
     @guarded
-    def delete_hold(self, lun_uuid: str, name: str) -> None:
-        self._db.execute("DELETE FROM holds WHERE lun_uuid = ? AND name = ?", (lun_uuid, name))
+    def delete_hold(self, lun_uuid: str, name: str, state: LunState | None = None) -> None:
+        """Delete a hold, and save ``state`` with it (the last hold turns tracking off)."""
+        with transaction(self._db):
+            if state is not None:
+                self._save_state(state)
+            self._db.execute("DELETE FROM holds WHERE lun_uuid = ? AND name = ?", (lun_uuid, name))
 
     @guarded
     def save_change_maps(self, lun_uuid: str, holds: Iterable[Hold]) -> None:
@@ -152,7 +111,7 @@ class SqliteStateStore:
             if h.changes is not None
         ]
         if rows:
-            with self._db:
+            with transaction(self._db):
                 self._db.executemany(
                     "UPDATE holds SET map_size = ?, map = ? WHERE lun_uuid = ? AND name = ?", rows
                 )
@@ -171,9 +130,3 @@ class SqliteStateStore:
                 changes = ChangeMap.from_blob(int(map_size), int(granularity), bytes(blob))
             holds[str(name)] = Hold(str(name), float(created_at), str(token), changes)
         return holds
-
-    @guarded
-    def delete_lun(self, lun_uuid: str) -> None:
-        with self._db:
-            self._db.execute("DELETE FROM holds WHERE lun_uuid = ?", (lun_uuid,))
-            self._db.execute("DELETE FROM lun_state WHERE lun_uuid = ?", (lun_uuid,))
