@@ -51,8 +51,8 @@ from nbd_fio import (
     precondition,
 )
 
-from lunseal.api.mirror_models import MirrorInfo
 from lunseal.client import ArrayClient
+from lunseal.schema.mirrors import MirrorInfo
 
 WORKLOAD = Workload("1m-seqwrite-qd8", "write", "1m", 8)
 PLAIN = "bench"  # the unmirrored LUN made by start_lunseal

@@ -15,15 +15,17 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from lunseal.api.mirror_models import (
+from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, InvalidArgument, LunsealError
+from lunseal.home import Home
+from lunseal.schema.luns import ArrayStatus, LunCreate, LunGrow, LunInfo, LunRepoint, LunUpdate
+from lunseal.schema.mirrors import (
     MirrorCreate,
     MirrorInfo,
     MirrorRegions,
     MirrorRestore,
     MirrorSplit,
 )
-from lunseal.api.models import ArrayStatus, LunCreate, LunGrow, LunInfo, LunRepoint, LunUpdate
-from lunseal.api.state_models import (
+from lunseal.schema.state import (
     ChangesInfo,
     CheckOutcome,
     HoldAcquire,
@@ -31,8 +33,6 @@ from lunseal.api.state_models import (
     StateInfo,
     TokenCheck,
 )
-from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, InvalidArgument, LunsealError
-from lunseal.home import Home
 
 M = TypeVar("M", bound=BaseModel)
 

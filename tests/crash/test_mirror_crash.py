@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lunseal.api.mirror_models import MirrorInfo
+from lunseal.schema.mirrors import MirrorInfo
 from tests.interop.helpers import MiB, qemu_io, random_file, run
 from tests.support.daemon import Daemon
 from tests.support.tools import require_tools

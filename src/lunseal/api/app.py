@@ -26,7 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lunseal import __version__
 from lunseal.api.mirror_routes import install_mirror_routes
-from lunseal.api.models import (
+from lunseal.api.state_routes import install_state_routes
+from lunseal.engine.array import Array
+from lunseal.engine.lun import Lun
+from lunseal.engine.sqlite_guard import catalog_error
+from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
+from lunseal.nbd.server import NbdServer
+from lunseal.schema.luns import (
     ArrayStatus,
     ErrorBody,
     LunCreate,
@@ -37,12 +43,6 @@ from lunseal.api.models import (
     LunUpdate,
     NbdEndpoints,
 )
-from lunseal.api.state_routes import install_state_routes
-from lunseal.engine.array import Array
-from lunseal.engine.lun import Lun
-from lunseal.engine.sqlite_guard import catalog_error
-from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
-from lunseal.nbd.server import NbdServer
 from lunseal.units import parse_size
 
 _ERRORS: dict[int | str, dict[str, object]] = {

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 
-from lunseal.api.mirror_models import (
+from lunseal.engine.array import Array
+from lunseal.engine.lun import Lun
+from lunseal.engine.mirror import SOURCE, TARGET, Mirror
+from lunseal.errors import Conflict, LunsealError, NotFound
+from lunseal.schema.mirrors import (
     MirrorCreate,
     MirrorExtent,
     MirrorInfo,
@@ -12,10 +16,6 @@ from lunseal.api.mirror_models import (
     MirrorRestore,
     MirrorSplit,
 )
-from lunseal.engine.array import Array
-from lunseal.engine.lun import Lun
-from lunseal.engine.mirror import SOURCE, TARGET, Mirror
-from lunseal.errors import Conflict, LunsealError, NotFound
 
 
 def mirror_info(m: Mirror) -> MirrorInfo:

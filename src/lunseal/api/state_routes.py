@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 
-from lunseal.api.state_models import (
+from lunseal.engine.array import Array
+from lunseal.engine.changemap import DEFAULT_GRANULARITY
+from lunseal.engine.state import Hold, StateTracker
+from lunseal.errors import InvalidArgument
+from lunseal.schema.state import (
     ChangedExtentModel,
     ChangesInfo,
     CheckOutcome,
@@ -13,10 +17,6 @@ from lunseal.api.state_models import (
     StateInfo,
     TokenCheck,
 )
-from lunseal.engine.array import Array
-from lunseal.engine.changemap import DEFAULT_GRANULARITY
-from lunseal.engine.state import Hold, StateTracker
-from lunseal.errors import InvalidArgument
 from lunseal.units import parse_size
 
 

@@ -8,9 +8,9 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lunseal.api.mirror_models import MirrorInfo
 from lunseal.client import ArrayClient
 from lunseal.errors import BackendError, LunsealError
+from lunseal.schema.mirrors import MirrorInfo
 
 COPYING = ("syncing", "resyncing", "restoring")
 

@@ -16,13 +16,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from lunseal.api.mirror_models import MirrorInfo
 from lunseal.archive import Manifest, Repository
 from lunseal.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
 from lunseal.backup.hooks import run_hook
 from lunseal.client import ArrayClient
 from lunseal.errors import ArchiveCorrupt, Conflict, LunsealError, NotFound
 from lunseal.nbd.client import NbdClient
+from lunseal.schema.mirrors import MirrorInfo
 
 HOLD_GRANULARITY = "64K"
 #: The holds this tool takes (``backup-`` + 12 hex digits).

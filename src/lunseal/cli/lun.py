@@ -6,8 +6,8 @@ import datetime as dt
 
 import typer
 
-from lunseal.api.models import LunInfo
 from lunseal.cli.common import client, console, emit, table
+from lunseal.schema.luns import LunInfo
 from lunseal.units import format_size
 
 app = typer.Typer(help="Create, list, show, grow, re-point and delete LUNs.", no_args_is_help=True)

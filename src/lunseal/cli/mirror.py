@@ -7,11 +7,11 @@ import datetime as dt
 import typer
 from rich.table import Table
 
-from lunseal.api.mirror_models import MirrorInfo
 from lunseal.backup.common import COPYING, wait_mirror
 from lunseal.cli.common import client, console, emit, progress_bar, table
 from lunseal.client import ArrayClient
 from lunseal.errors import BackendError, InvalidArgument
+from lunseal.schema.mirrors import MirrorInfo
 from lunseal.units import format_size
 
 app = typer.Typer(help="Mirror LUNs: sync, split, resync, restore.", no_args_is_help=True)

@@ -1,4 +1,4 @@
-"""Request and response bodies of the management API (shared with the client)."""
+"""Request and response bodies of the management API for LUNs and the array."""
 
 from __future__ import annotations
 
