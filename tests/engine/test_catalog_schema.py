@@ -14,7 +14,7 @@ from lunseal.engine.array import Array
 from lunseal.engine.backing import CATALOG_FILE
 from lunseal.engine.catalog import SCHEMA_VERSION, Catalog
 from lunseal.engine.changemap import ChangeMap
-from lunseal.engine.mirror import GRANULARITY, SOURCE, TARGET, MirrorRecord
+from lunseal.engine.mirror import GRANULARITY, SOURCE, TARGET, MirrorRecord, MirrorState
 from lunseal.engine.state import Hold, LunState, format_token
 from lunseal.errors import CatalogError
 from tests.support.arrays import Arrays
@@ -218,7 +218,12 @@ def test_state_and_holds_of_a_lun_that_does_not_exist_are_refused(catalog: Catal
 def test_mirrors_and_maps_must_name_what_exists(catalog: Catalog) -> None:
     _insert_lun(catalog, LUN, "a", 0)
     rec = MirrorRecord(
-        id="m1", name="m", source_uuid=LUN, target_uuid=GONE, state="syncing", created_at=1.0
+        id="m1",
+        name="m",
+        source_uuid=LUN,
+        target_uuid=GONE,
+        state=MirrorState.SYNCING,
+        created_at=1.0,
     )
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         catalog.mirrors.save_mirror(rec)
@@ -236,12 +241,19 @@ def test_deleting_a_lun_takes_its_state_and_holds_but_not_a_mirror(catalog: Cata
     assert catalog.states.load_holds(LUN) == {}
     _insert_lun(catalog, LUN, "a", 0)
     rec = MirrorRecord(
-        id="m1", name="m", source_uuid=LUN, target_uuid=GONE, state="syncing", created_at=1.0
+        id="m1",
+        name="m",
+        source_uuid=LUN,
+        target_uuid=GONE,
+        state=MirrorState.SYNCING,
+        created_at=1.0,
     )
     catalog.mirrors.save_mirror(rec, {SOURCE: ChangeMap(MiB, GRANULARITY)})
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         catalog.delete_lun(GONE)  # the array deletes a LUN's mirrors first
-    catalog.mirrors.save_mirror(rec.with_changes(state="synced"))  # an update keeps the maps
+    catalog.mirrors.save_mirror(
+        rec.with_changes(state=MirrorState.SYNCED)
+    )  # an update keeps the maps
     assert set(catalog.mirrors.load_maps("m1", MiB)[0]) == {SOURCE, TARGET}
     assert catalog._db.execute("SELECT count(*) FROM mirror_maps").fetchone()[0] == 1
     catalog.mirrors.delete_mirror("m1")

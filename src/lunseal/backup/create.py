@@ -14,12 +14,13 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from lunseal.archive import Manifest, Repository
 from lunseal.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
 from lunseal.backup.hooks import run_hook
+from lunseal.backup.record import BackupMode, BackupRecord
 from lunseal.client import ArrayClient
+from lunseal.engine.state import TrackingMode
 from lunseal.errors import ArchiveCorrupt, Conflict, LunsealError, NotFound
 from lunseal.nbd.client import NbdClient
 from lunseal.schema.mirrors import MirrorInfo
@@ -32,7 +33,7 @@ _HOLD_RE = re.compile(r"^backup-[0-9a-f]{12}$")
 @dataclass
 class BackupResult:
     manifest: Manifest
-    mode: str  # "full" or "incremental"
+    mode: BackupMode
     reason: str
     bytes_read: int
 
@@ -63,7 +64,11 @@ def latest_backup(
             if log is not None:
                 log(f"warning: {exc.message}: not used as the basis of this backup")
             continue
-        if m.meta.get("source") == source and m.meta.get("target") == target:
+        try:
+            rec = BackupRecord.of(m)
+        except ArchiveCorrupt:
+            continue  # not a backup this tool made: nothing to build on
+        if rec.source == source and rec.target == target:
             series.append(m)
     return max(series, key=lambda m: m.created_at, default=None)
 
@@ -92,24 +97,24 @@ def create_backup(
     except LunsealError as exc:
         log(f"warning: {exc.message} (the split copy is taken; continuing)")
     hold = f"backup-{uuid.uuid4().hex[:12]}"
-    info = api.acquire_hold(m.target, hold, mode="counter", granularity=HOLD_GRANULARITY)
+    info = api.acquire_hold(m.target, hold, mode=TrackingMode.COUNTER, granularity=HOLD_GRANULARITY)
     log(f"target {m.target} token {info.token} (hold {hold})")
-    meta: dict[str, Any] = {
-        "source": source,
-        "source_uuid": src.uuid,
-        "mirror": m.name,
-        "target": m.target,
-        "target_uuid": api.show_lun(m.target).uuid,
-        "token": info.token,
-        "hold": hold,
-        "parent": basis.parent.id if basis.parent else None,
-        "mode": "full" if basis.changed_chunks is None else "incremental",
-        "reason": basis.reason,
-    }
-    manifest, read = _stream(api, repo, m.target, src.size, basis, meta, progress)
-    log(f"backup {manifest.id}: {meta['mode']}, read {read} bytes of {src.size}")
+    rec = BackupRecord(
+        source=source,
+        source_uuid=src.uuid,
+        mirror=m.name,
+        target=m.target,
+        target_uuid=api.show_lun(m.target).uuid,
+        token=info.token,
+        hold=hold,
+        parent=basis.parent.id if basis.parent else None,
+        mode=BackupMode.FULL if basis.changed_chunks is None else BackupMode.INCREMENTAL,
+        reason=basis.reason,
+    )
+    manifest, read = _stream(api, repo, m.target, src.size, basis, rec, progress)
+    log(f"backup {manifest.id}: {rec.mode}, read {read} bytes of {src.size}")
     _release_earlier_holds(api, m.target, hold, log)
-    return BackupResult(manifest, str(meta["mode"]), basis.reason, read)
+    return BackupResult(manifest, rec.mode, basis.reason, read)
 
 
 def _ensure_mirror(
@@ -132,12 +137,13 @@ def _basis(api: ArrayClient, repo: Repository, source: str, target: str, log: Lo
         reason = f"no earlier backup of {source} on {target}: full read"
         log(reason)
         return Basis(None, None, reason)
-    check = api.check_token(target, str(parent.meta.get("token", "")))
+    parent_rec = BackupRecord.of(parent)
+    check = api.check_token(target, parent_rec.token)
     if check.result != "intact":
         reason = f"mirror was altered since backup {parent.id}: full read ({check.reason})"
         log(reason)
         return Basis(parent, None, reason)
-    hold = str(parent.meta.get("hold", ""))
+    hold = parent_rec.hold
     if hold not in {h.name for h in api.list_holds(target) if h.granularity}:
         reason = f"the change map of backup {parent.id} is gone: full read"
         log(reason)
@@ -173,19 +179,19 @@ def _stream(
     target: str,
     size: int,
     basis: Basis,
-    meta: dict[str, Any],
+    rec: BackupRecord,
     progress: ProgressFn,
 ) -> tuple[Manifest, int]:
     cs = repo.chunk_size
     count = -(-size // cs)
     if basis.changed_chunks is not None and basis.parent is not None:
-        wanted = _changed_chunks(api, target, str(basis.parent.meta["hold"]), cs)
+        wanted = _changed_chunks(api, target, BackupRecord.of(basis.parent).hold, cs)
     else:
         wanted = set(range(count))
     ranges = [(i * cs, min(cs, size - i * cs)) for i in sorted(wanted)]
     total = sum(n for _, n in ranges)
     read = 0
-    with repo.begin_backup(meta, size) as writer, NbdClient(nbd_uri(api, target)) as nbd:
+    with repo.begin_backup(rec.to_meta(), size) as writer, NbdClient(nbd_uri(api, target)) as nbd:
         if basis.parent is not None and basis.changed_chunks is not None:
             for i in range(count):
                 if i not in wanted:
@@ -196,7 +202,7 @@ def _stream(
             progress(f"backup {target}", read, total)
         # Unchanged since the token: what was read is the copy at the token, not
         # a torn image of a copy someone wrote (a host with rw access, a resync).
-        check = api.check_token(target, str(meta["token"]))
+        check = api.check_token(target, rec.token)
         if check.result != "intact":
             raise Conflict(
                 f"the disk copy {target} changed while it was read ({check.reason}): "

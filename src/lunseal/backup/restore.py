@@ -21,27 +21,42 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import blake3
 
 from lunseal.archive import Manifest, Repository
 from lunseal.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
+from lunseal.backup.record import BackupRecord
 from lunseal.client import ArrayClient
 from lunseal.errors import Conflict, InvalidArgument, LunsealError, NotFound
 from lunseal.nbd.client import NbdClient
 
 log = logging.getLogger(__name__)
 
-MIRROR, ARCHIVE, HYBRID = "mirror", "archive", "hybrid"
-#: --verify-mirror: check the chunks the mirror will copy, or every chunk of the copy.
-VERIFY_COPIED, VERIFY_FULL = "copied", "full"
+
+class RestorePath(StrEnum):
+    """Where a restore takes the backup's data from."""
+
+    MIRROR = "mirror"  # the disk copy, its token unchanged since the backup
+    ARCHIVE = "archive"
+    HYBRID = "hybrid"  # changed regions from the archive, the rest from the disk copy
+
+
+class VerifyMirror(StrEnum):
+    """--verify-mirror: check the chunks the mirror will copy, or every chunk of the copy."""
+
+    COPIED = "copied"
+    FULL = "full"
+
+
 VERIFY_CONNECTIONS = 2
 #: How often (and how far apart) the destination's connections are looked at.
 IN_USE_CHECKS, IN_USE_INTERVAL = 10, 0.1
 _SOURCES = {
-    MIRROR: "from the mirror",
-    ARCHIVE: "from the archive",
-    HYBRID: "from the archive and the mirror",
+    RestorePath.MIRROR: "from the mirror",
+    RestorePath.ARCHIVE: "from the archive",
+    RestorePath.HYBRID: "from the archive and the mirror",
 }
 
 
@@ -49,7 +64,7 @@ _SOURCES = {
 class RestorePlan:
     backup: Manifest
     dest: str
-    path: str
+    path: RestorePath
     reason: str
     #: Bytes the mirror (the disk copy) and the archive would supply.
     mirror_bytes: int = 0
@@ -57,7 +72,7 @@ class RestorePlan:
     archive_chunks: list[int] = field(default_factory=list)
     #: Restore even while hosts are connected to the destination.
     force: bool = False
-    verify_mirror: str = VERIFY_COPIED
+    verify_mirror: VerifyMirror = VerifyMirror.COPIED
     #: Chunks of the disk copy found to differ from the backup (taken from the archive).
     mirror_mismatches: list[int] = field(default_factory=list)
     #: Chunks that landed wrong on the destination and were rewritten from the archive.
@@ -71,7 +86,7 @@ class RestorePlan:
         )
 
     def uses_mirror(self) -> bool:
-        return self.path in (MIRROR, HYBRID)
+        return self.path in (RestorePath.MIRROR, RestorePath.HYBRID)
 
     def take_from_archive(self, chunks: Iterable[int]) -> None:
         added = sorted(set(chunks) - set(self.archive_chunks))
@@ -93,29 +108,38 @@ def plan_restore(
     force_from: str | None = None,
     i_know: bool = False,
     force: bool = False,
-    verify_mirror: str = VERIFY_COPIED,
+    verify_mirror: str = VerifyMirror.COPIED,
 ) -> RestorePlan:
-    if verify_mirror not in (VERIFY_COPIED, VERIFY_FULL):
-        raise InvalidArgument(f"--verify-mirror takes {VERIFY_COPIED} or {VERIFY_FULL}")
-    plan = _choose(api, repo.manifest(backup_id), to, force_from, i_know)
-    plan.force, plan.verify_mirror = force, verify_mirror
+    try:
+        verify = VerifyMirror(verify_mirror)
+    except ValueError:
+        raise InvalidArgument("--verify-mirror takes copied or full") from None
+    forced = None
+    if force_from is not None:
+        if force_from not in (RestorePath.ARCHIVE, RestorePath.MIRROR):
+            raise InvalidArgument("--from takes archive or mirror")
+        forced = RestorePath(force_from)
+    manifest = repo.manifest(backup_id)
+    BackupRecord.of(manifest)  # a manifest without a backup record stops here, in one line
+    plan = _choose(api, manifest, to, forced, i_know)
+    plan.force, plan.verify_mirror = force, verify
     return plan
 
 
 def _choose(
-    api: ArrayClient, m: Manifest, to: str | None, force_from: str | None, i_know: bool
+    api: ArrayClient, m: Manifest, to: str | None, force_from: RestorePath | None, i_know: bool
 ) -> RestorePlan:
-    dest = to or str(m.meta["source"])
+    dest = to or BackupRecord.of(m).source
     dest_size = api.show_lun(dest).size  # before anything is written, for every path
     if dest_size < m.size:
         raise Conflict(f"LUN {dest} is {dest_size} bytes; backup {m.id} needs {m.size}")
-    if force_from == ARCHIVE:
+    if force_from == RestorePath.ARCHIVE:
         return _archive_plan(m, dest, "forced with --from archive")
     other_disk = _other_disk(api, m)
-    if force_from == MIRROR and other_disk:
+    if force_from == RestorePath.MIRROR and other_disk:
         raise Conflict(f"{other_disk}: refusing to restore from it (not even with --i-know)")
     intact, why = (False, other_disk) if other_disk else _target_intact(api, m)
-    if force_from == MIRROR:
+    if force_from == RestorePath.MIRROR:
         if not intact and not i_know:
             raise Conflict(
                 f"the disk copy changed since backup {m.id} ({why}); restoring from it would "
@@ -130,7 +154,7 @@ def _choose(
     if altered is None:
         return _archive_plan(m, dest, f"the disk copy changed ({why})")
     plan = _mirror_plan(api, m, dest, "")
-    plan.path = HYBRID
+    plan.path = RestorePath.HYBRID
     plan.reason = (
         f"the disk copy changed ({why}); its change map names {len(altered)} altered chunk(s), "
         "taken from the archive, the rest from the mirror"
@@ -143,7 +167,8 @@ def _other_disk(api: ArrayClient, m: Manifest) -> str:
     """Why the LUN named as the backup's disk copy is not that disk ('' when it is).
 
     A LUN re-created under the same name is a different disk, whatever it holds."""
-    target, want = str(m.meta["target"]), str(m.meta.get("target_uuid", ""))
+    rec = BackupRecord.of(m)
+    target, want = rec.target, rec.target_uuid
     try:
         found = api.show_lun(target).uuid
     except NotFound:
@@ -157,12 +182,13 @@ def _other_disk(api: ArrayClient, m: Manifest) -> str:
 
 
 def _target_intact(api: ArrayClient, m: Manifest) -> tuple[bool, str]:
+    rec = BackupRecord.of(m)
     try:
-        check = api.check_token(str(m.meta["target"]), str(m.meta["token"]))
+        check = api.check_token(rec.target, rec.token)
     except NotFound as exc:
         return False, exc.message
     try:
-        mirror = api.mirror(str(m.meta["mirror"]))
+        mirror = api.mirror(rec.mirror)
     except NotFound as exc:
         return False, exc.message
     if check.result == "intact" and mirror.state != "split":
@@ -172,9 +198,10 @@ def _target_intact(api: ArrayClient, m: Manifest) -> tuple[bool, str]:
 
 def _altered_chunks(api: ArrayClient, m: Manifest) -> list[int] | None:
     """Chunks the target's change map says changed since the backup, if it can say."""
-    target, hold = str(m.meta["target"]), str(m.meta.get("hold", ""))
+    rec = BackupRecord.of(m)
+    target, hold = rec.target, rec.hold
     try:
-        if api.mirror(str(m.meta["mirror"])).state != "split":
+        if api.mirror(rec.mirror).state != "split":
             return None
         changes = api.changes(target, hold)
     except NotFound:
@@ -192,19 +219,21 @@ def _chunks_of(chunk_size: int, extents: Iterable[tuple[int, int]]) -> set[int]:
 def _archive_plan(m: Manifest, dest: str, reason: str) -> RestorePlan:
     chunks = list(range(len(m.chunks)))
     data = sum(m.chunk_length(i) for i in chunks if m.chunks[i] is not None)
-    return RestorePlan(m, dest, ARCHIVE, reason, archive_bytes=data, archive_chunks=chunks)
+    return RestorePlan(
+        m, dest, RestorePath.ARCHIVE, reason, archive_bytes=data, archive_chunks=chunks
+    )
 
 
 def _mirror_plan(api: ArrayClient, m: Manifest, dest: str, reason: str) -> RestorePlan:
     # Another LUN gets the whole disk copy; the source only the reverse resync's regions.
     supplied = m.size
     if _reverse_resync(m, dest):
-        supplied = api.mirror(str(m.meta["mirror"])).bytes_left
-    return RestorePlan(m, dest, MIRROR, reason, mirror_bytes=supplied)
+        supplied = api.mirror(BackupRecord.of(m).mirror).bytes_left
+    return RestorePlan(m, dest, RestorePath.MIRROR, reason, mirror_bytes=supplied)
 
 
 def _reverse_resync(m: Manifest, dest: str) -> bool:
-    return dest == str(m.meta["source"])
+    return dest == BackupRecord.of(m).source
 
 
 # -- running a plan ---------------------------------------------------------------------
@@ -259,15 +288,15 @@ def _span(m: Manifest, chunks: list[int]) -> str:
 def _check_mirror(api: ArrayClient, plan: RestorePlan, log: Log, progress: ProgressFn) -> None:
     """Compare the chunks the reverse resync will copy (or, with --verify-mirror
     full, every chunk) of the disk copy with the backup; take bad ones from the archive."""
-    m = plan.backup
-    if plan.verify_mirror == VERIFY_FULL:
+    m, rec = plan.backup, BackupRecord.of(plan.backup)
+    if plan.verify_mirror == VerifyMirror.FULL:
         wanted = set(range(len(m.chunks)))
     else:
-        regions = api.mirror_regions(str(m.meta["mirror"])).extents
+        regions = api.mirror_regions(rec.mirror).extents
         wanted = _chunks_of(m.chunk_size, ((e.offset, e.length) for e in regions))
     todo = sorted(wanted - set(plan.archive_chunks))
-    bad = _mismatches(api, m, str(m.meta["target"]), todo, progress, "check disk copy")
-    log(f"checked {len(todo)} chunk(s) of the disk copy {m.meta['target']} against the backup")
+    bad = _mismatches(api, m, rec.target, todo, progress, "check disk copy")
+    log(f"checked {len(todo)} chunk(s) of the disk copy {rec.target} against the backup")
     if bad:
         log(
             f"the disk copy differs from backup {m.id} in {len(bad)} chunk(s): "
@@ -305,7 +334,8 @@ def _from_mirror(
     api: ArrayClient, repo: Repository, plan: RestorePlan, log: Log, progress: ProgressFn
 ) -> None:
     m = plan.backup
-    mirror, target = str(m.meta["mirror"]), str(m.meta["target"])
+    rec = BackupRecord.of(m)
+    mirror, target = rec.mirror, rec.target
     if _reverse_resync(m, plan.dest):
         api.restore_mirror(mirror, force=plan.force)
         wait_mirror(api, mirror, progress)
@@ -326,7 +356,7 @@ def _from_mirror(
 def _copy_checked(api: ArrayClient, plan: RestorePlan, progress: ProgressFn) -> list[int]:
     """Copy the disk copy chunk by chunk to another LUN; a chunk whose digest is
     not the backup's is not written (the archive supplies it) and is returned."""
-    m, target = plan.backup, str(plan.backup.meta["target"])
+    m, target = plan.backup, BackupRecord.of(plan.backup).target
     skip, bad = set(plan.archive_chunks), []
     ranges = [(i * m.chunk_size, m.chunk_length(i)) for i in range(len(m.chunks)) if i not in skip]
     with NbdClient(nbd_uri(api, target)) as src, NbdClient(nbd_uri(api, plan.dest)) as dst:

@@ -7,7 +7,6 @@ The seed's commands map as: ``enable`` = ENABLE_LUN_STATE_SNAPSHOT,
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
 
 import typer
 
@@ -17,7 +16,6 @@ from lunseal.units import format_size
 
 app = typer.Typer(help="Track LUN state: holds, tokens and change maps.", no_args_is_help=True)
 
-Mode = Literal["counter", "timestamp", "flag"]
 #: ``--track-changes`` given without ``=SIZE`` (see ``main.expand_optional_values``).
 TRACK_CHANGES_DEFAULT = "64K"
 

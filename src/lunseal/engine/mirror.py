@@ -33,6 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Protocol
 
 from lunseal.engine.changemap import ChangedExtent, ChangeMap
@@ -41,14 +42,27 @@ from lunseal.errors import BackendError, Conflict
 
 log = logging.getLogger(__name__)
 
-SYNCING, SYNCED, SPLIT, RESYNCING, RESTORING, DEGRADED = (
-    "syncing",
-    "synced",
-    "split",
-    "resyncing",
-    "restoring",
-    "degraded",
-)
+
+class MirrorState(StrEnum):
+    SYNCING = "syncing"
+    SYNCED = "synced"
+    SPLIT = "split"
+    RESYNCING = "resyncing"
+    RESTORING = "restoring"
+    DEGRADED = "degraded"
+
+
+class TargetAccess(StrEnum):
+    """What hosts may do with a split target."""
+
+    RO = "ro"
+    RW = "rw"
+
+
+# Short names for the states, used throughout the mirror code.
+SYNCING, SYNCED, SPLIT = MirrorState.SYNCING, MirrorState.SYNCED, MirrorState.SPLIT
+RESYNCING, RESTORING = MirrorState.RESYNCING, MirrorState.RESTORING
+DEGRADED = MirrorState.DEGRADED
 COPYING = (SYNCING, RESYNCING, RESTORING)
 #: States in which host writes to the source are also written to the target.
 FAN_OUT = (SYNCING, SYNCED, RESYNCING)
@@ -112,10 +126,10 @@ class MirrorRecord:
     name: str
     source_uuid: str
     target_uuid: str
-    state: str
+    state: MirrorState
     created_at: float
     split_at: float | None = None
-    target_access: str = "ro"
+    target_access: TargetAccess = TargetAccess.RO
     #: Bytes the running copy operation had to copy when it started (progress).
     op_total: int = 0
     reason: str = ""
@@ -165,7 +179,7 @@ class Mirror:
         return self.record.name
 
     @property
-    def state(self) -> str:
+    def state(self) -> MirrorState:
         return self.record.state
 
     # -- the host write path (called by MirroredBackend and the target's gate) ----------
@@ -239,12 +253,13 @@ class Mirror:
     def split(self, target_access: str = "ro") -> None:
         if self.state != SYNCED:
             raise Conflict(f"mirror {self.name} is {self.state}; only a synced mirror can split")
-        if target_access not in ("ro", "rw"):
+        if target_access not in tuple(TargetAccess):
             raise Conflict(f"target access must be ro or rw, not {target_access!r}")
         self.source.backend.flush()
         self.leg.flush()
         self.checkpoint()
-        self._set(state=SPLIT, split_at=time.time(), target_access=target_access, reason="")
+        access = TargetAccess(target_access)
+        self._set(state=SPLIT, split_at=time.time(), target_access=access, reason="")
         log.info("mirror %s split (target %s)", self.name, target_access)
 
     def resync(self) -> None:
@@ -261,7 +276,7 @@ class Mirror:
         """The initial full copy (the caller marked every region)."""
         self._start(SYNCING)
 
-    def _start(self, state: str) -> None:
+    def _start(self, state: MirrorState) -> None:
         self.maps[SOURCE].merge(self.maps[TARGET])
         self.maps[TARGET].clear(0, self.maps[TARGET].size)
         self.copied = 0

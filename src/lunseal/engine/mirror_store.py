@@ -6,7 +6,15 @@ from __future__ import annotations
 import sqlite3
 
 from lunseal.engine.changemap import ChangeMap
-from lunseal.engine.mirror import GRANULARITY, INTENT_REGION, SOURCE, TARGET, MirrorRecord
+from lunseal.engine.mirror import (
+    GRANULARITY,
+    INTENT_REGION,
+    SOURCE,
+    TARGET,
+    MirrorRecord,
+    MirrorState,
+    TargetAccess,
+)
 from lunseal.engine.sqlite_guard import guarded, transaction
 
 _COLUMNS = (
@@ -59,10 +67,10 @@ class SqliteMirrorStore:
                 name=str(r[1]),
                 source_uuid=str(r[2]),
                 target_uuid=str(r[3]),
-                state=str(r[4]),
+                state=MirrorState(str(r[4])),
                 created_at=float(r[5]),
                 split_at=None if r[6] is None else float(r[6]),
-                target_access=str(r[7]),
+                target_access=TargetAccess(str(r[7])),
                 op_total=int(r[8]),
                 reason=str(r[9]),
             )

@@ -36,6 +36,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Protocol
 
 from lunseal.engine.backend import FileStamp
@@ -45,8 +46,17 @@ from lunseal.errors import Conflict, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
-MODES = ("counter", "timestamp", "flag")
-DEFAULT_MODE = "counter"
+
+class TrackingMode(StrEnum):
+    """How a LUN's state value moves; the value is what tokens and the catalog carry."""
+
+    COUNTER = "counter"  # +1 per accepted data-changing request
+    TIMESTAMP = "timestamp"  # nanoseconds of the last change, strictly increasing
+    FLAG = "flag"  # +1 per token issued after a change
+
+
+MODES = tuple(TrackingMode)
+DEFAULT_MODE = TrackingMode.COUNTER
 DEFAULT_HOLD = "default"
 TOKEN_PREFIX = "lst1"
 HOLD_NAME_MAX = 128
@@ -71,7 +81,7 @@ class LunState:
     """The persisted part of a LUN's state."""
 
     lun_uuid: str
-    mode: str = DEFAULT_MODE
+    mode: TrackingMode = DEFAULT_MODE
     epoch: str = field(default_factory=new_epoch)
     value: int = 0
     flag: bool = False
@@ -117,10 +127,11 @@ class StateStore(Protocol):
     def save_change_maps(self, lun_uuid: str, holds: Iterable[Hold]) -> None: ...
 
 
-def validate_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise InvalidArgument(f"invalid tracking mode {mode!r}: use {', '.join(MODES)}")
-    return mode
+def validate_mode(mode: str) -> TrackingMode:
+    try:
+        return TrackingMode(mode)
+    except ValueError:
+        raise InvalidArgument(f"invalid tracking mode {mode!r}: use {', '.join(MODES)}") from None
 
 
 def validate_hold_name(name: str) -> str:
@@ -258,16 +269,16 @@ class StateTracker:
 
     def _advance(self) -> None:
         mode = self.state.mode
-        if mode == "counter":
+        if mode == TrackingMode.COUNTER:
             self.state.value += 1
-        elif mode == "timestamp":
+        elif mode == TrackingMode.TIMESTAMP:
             self.state.value = max(self._clock(), self.state.value + 1)
         else:
             self.state.flag = True
 
     def _transition(self, state: LunState) -> LunState:
         """Tracking turns on or off: the state changes whatever the mode (C4)."""
-        if state.mode == "timestamp":
+        if state.mode == TrackingMode.TIMESTAMP:
             value = max(self._clock(), state.value + 1)
         else:
             value = state.value + 1
@@ -380,14 +391,13 @@ class StateTracker:
         granularity: int | None = None,
     ) -> tuple[Hold, str]:
         validate_hold_name(name)
-        if mode is not None:
-            validate_mode(mode)
+        tracking = None if mode is None else validate_mode(mode)
         if name in self.holds:
             raise Conflict(f"LUN {self.lun.name} already has a hold named {name!r}")
-        if self.holds and mode is not None and mode != self.state.mode:
+        if self.holds and tracking is not None and tracking != self.state.mode:
             raise Conflict(
                 f"LUN {self.lun.name} is tracked in {self.state.mode} mode by "
-                f"{len(self.holds)} hold(s); a {mode} hold must wait until they are released"
+                f"{len(self.holds)} hold(s); a {tracking} hold must wait until they are released"
             )
         changes = None
         if granularity is not None:
@@ -397,7 +407,7 @@ class StateTracker:
         # in one transaction, so a failure leaves neither (and nothing adopted).
         state = None
         if not self.holds:
-            state = self._transition(replace(self.state, mode=mode or DEFAULT_MODE))
+            state = self._transition(replace(self.state, mode=tracking or DEFAULT_MODE))
         elif self.state.flag:
             # Flag mode, changed since the last token: the hold's token re-arms the
             # flag as token() does, or it would equal the token issued before the change.

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from lunseal.engine.backend import FileStamp
 from lunseal.engine.changemap import ChangeMap
 from lunseal.engine.sqlite_guard import guarded, transaction
-from lunseal.engine.state import Hold, LunState
+from lunseal.engine.state import Hold, LunState, TrackingMode
 
 
 class SqliteStateStore:
@@ -61,7 +61,7 @@ class SqliteStateStore:
         mode, epoch, value, flag, clean, stamp, reason, history = row
         return LunState(
             lun_uuid=lun_uuid,
-            mode=str(mode),
+            mode=TrackingMode(str(mode)),
             epoch=str(epoch),
             value=int(value),
             flag=bool(flag),

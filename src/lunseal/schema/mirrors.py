@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
+
+from lunseal.engine.mirror import MirrorState, TargetAccess
 
 
 class MirrorCreate(BaseModel):
@@ -36,8 +36,8 @@ class MirrorRegions(BaseModel):
 
 
 class MirrorSplit(BaseModel):
-    target_access: Literal["ro", "rw"] = Field(
-        default="ro", description="whether hosts may write the split target"
+    target_access: TargetAccess = Field(
+        default=TargetAccess.RO, description="whether hosts may write the split target"
     )
 
 
@@ -46,7 +46,7 @@ class MirrorInfo(BaseModel):
     name: str
     source: str
     target: str
-    state: Literal["syncing", "synced", "split", "resyncing", "restoring", "degraded"]
+    state: MirrorState
     percent_done: float = Field(description="progress of the running copy (100 when idle)")
     bytes_left: int = Field(description="bytes in regions that still differ or may differ")
     bytes_copied: int = Field(
@@ -56,7 +56,7 @@ class MirrorInfo(BaseModel):
     target_dirty_regions: int
     granularity: int
     split_at: float | None
-    target_access: Literal["ro", "rw"]
+    target_access: TargetAccess
     reason: str = Field(
         description="why the mirror is degraded or its last restore failed (empty otherwise)"
     )

@@ -6,10 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from lunseal.engine.state import TrackingMode
+
 
 class HoldAcquire(BaseModel):
     hold: str = Field(default="default", description="name of the consumer holding tracking on")
-    mode: Literal["counter", "timestamp", "flag"] | None = Field(
+    mode: TrackingMode | None = Field(
         default=None, description="tracking mode when this hold turns tracking on (counter)"
     )
     track_changes: bool = Field(default=False, description="keep a change map for this hold")
@@ -30,7 +32,7 @@ class StateInfo(BaseModel):
     lun: str
     lun_uuid: str
     tracking: bool
-    mode: str
+    mode: TrackingMode
     epoch: str = Field(description="random per busy period and recovery; opaque")
     clean: bool = Field(description="the exact state is recorded (no change since)")
     holds: list[str]
