@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lunseal.engine.backing import CATALOG_FILE
 from lunseal.engine.catalog import SCHEMA_VERSION, Catalog
 from lunseal.engine.changemap import ChangeMap
 from lunseal.engine.mirror import GRANULARITY, SOURCE, TARGET, MirrorRecord, MirrorState
+from lunseal.engine.sqlite_guard import transaction
 from lunseal.engine.state import Hold, LunState, format_token
 from lunseal.errors import CatalogError
 from tests.support.arrays import Arrays
@@ -332,3 +334,34 @@ def test_a_mirror_is_saved_with_its_maps_or_not_at_all(arrays: Arrays) -> None:
         array.mirrors.create(source, target)
     array.catalog._db.set_authorizer(None)
     assert array.catalog.mirrors.mirrors() == []
+
+
+def test_a_save_by_another_thread_never_joins_a_transaction_that_rolls_back(
+    catalog: Catalog,
+) -> None:
+    """One connection serves every thread: a save made while another thread's
+    composite update is open must wait for it, not vanish with its rollback."""
+    _insert_lun(catalog, LUN, "a", 0)
+    _insert_lun(catalog, GONE, "b", 1)
+    saved = threading.Event()
+
+    def save_b() -> None:
+        catalog.states.save_state(LunState(GONE, value=42))
+        saved.set()
+
+    def composite_whose_second_step_fails() -> None:
+        with transaction(catalog._db):
+            catalog.states.save_state(LunState(LUN, value=7))
+            other.start()
+            saved.wait(0.5)  # without the lock the save lands inside this transaction
+            raise RuntimeError("the composite update's second step fails")
+
+    other = threading.Thread(target=save_b)
+    with pytest.raises(RuntimeError):
+        composite_whose_second_step_fails()
+    other.join(30)
+    assert saved.is_set()
+    assert catalog.states.load_state(LUN) is None  # rolled back
+    state = catalog.states.load_state(GONE)
+    assert state is not None
+    assert state.value == 42  # durable, as its caller was told

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror_store import SqliteMirrorStore
-from lunseal.engine.sqlite_guard import guarded, transaction
+from lunseal.engine.sqlite_guard import LockedConnection, guarded, transaction
 from lunseal.engine.state_store import SqliteStateStore
 from lunseal.errors import CatalogError, LunsealError
 
@@ -214,8 +214,10 @@ _LUN_COLUMNS = "uuid, name, number, size, backend, path, owned, read_only, creat
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
-        # The engine runs on one thread; the API's handlers run on the same loop.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # One connection for every thread; guarded calls serialise on its lock.
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, factory=LockedConnection
+        )
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

@@ -59,6 +59,7 @@ class SqliteMirrorStore:
             ),
         )
 
+    @guarded
     def mirrors(self) -> list[MirrorRecord]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM mirrors ORDER BY created_at").fetchall()
         return [
@@ -97,6 +98,7 @@ class SqliteMirrorStore:
     def clear_intents(self, mirror_id: str) -> None:
         self._db.execute("DELETE FROM mirror_intents WHERE mirror_id = ?", (mirror_id,))
 
+    @guarded
     def load_maps(
         self, mirror_id: str, size: int
     ) -> tuple[dict[str, ChangeMap], set[tuple[str, int]]]:

@@ -1,13 +1,20 @@
 """SQLite errors become :class:`~lunseal.errors.CatalogError` at the catalog's edge,
-so front ends answer them like any other lunseal error (API 503, NBD EIO)."""
+so front ends answer them like any other lunseal error (API 503, NBD EIO).
+
+The catalog is one connection shared by every thread.  A statement run by one
+thread while another has a transaction open would join that transaction and
+vanish with its rollback, after its caller was told it was durable.  So every
+guarded call and every transaction holds the connection's lock throughout.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from lunseal.errors import CatalogError
 
@@ -19,17 +26,38 @@ def catalog_error(exc: sqlite3.Error) -> CatalogError:
     return CatalogError(f"catalog failure: {exc} (the operation was not done; retry later)")
 
 
+class LockedConnection(sqlite3.Connection):
+    """A connection that carries the lock its users share (``sqlite3.connect(...,
+    factory=LockedConnection)``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.RLock()
+
+
+#: For connections opened without the factory (tests' bare stores): one lock for all.
+_FALLBACK = threading.RLock()
+
+
+def connection_lock(db: sqlite3.Connection) -> threading.RLock:
+    """The lock serialising ``db``'s users (re-entrant: composite updates nest)."""
+    return db.lock if isinstance(db, LockedConnection) else _FALLBACK
+
+
 def guarded(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn a :class:`sqlite3.Error` raised by ``method`` into a :class:`CatalogError`."""
+    """Run a method of an object with a ``_db`` connection under the connection's
+    lock; turn a :class:`sqlite3.Error` it raises into a :class:`CatalogError`."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.IntegrityError:
-            raise  # a broken invariant of the caller, not a failing catalog
-        except sqlite3.Error as exc:
-            raise catalog_error(exc) from exc
+        db: sqlite3.Connection = getattr(args[0], "_db")  # noqa: B009 -- P.args is opaque
+        with connection_lock(db):
+            try:
+                return method(*args, **kwargs)
+            except sqlite3.IntegrityError:
+                raise  # a broken invariant of the caller, not a failing catalog
+            except sqlite3.Error as exc:
+                raise catalog_error(exc) from exc
 
     return wrapper
 
@@ -41,15 +69,16 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     Inside another transaction the block joins it, so composite updates nest.
     The connection must be in autocommit mode (``isolation_level=None``).
     """
-    if db.in_transaction:
-        yield
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        # SQLite rolls back by itself after some errors (disk full, I/O error).
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    with connection_lock(db):
+        if db.in_transaction:  # this thread's own outer transaction: the lock says so
+            yield
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls back by itself after some errors (disk full, I/O error).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
