@@ -82,22 +82,39 @@ class SqliteMirrorStore:
             for r in rows
         ]
 
-    def save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None:
-        with self._db:
+    def save_maps(
+        self, mirror_id: str, maps: dict[str, ChangeMap], clear_intents: bool = False
+    ) -> None:
+        """Save the exact maps (and, with ``clear_intents``, empty the intent log
+        they now cover) in one transaction: one durable commit per checkpoint."""
+        rows = [(mirror_id, side, m.size, m.to_blob()) for side, m in maps.items()]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
             self._db.executemany(
                 "INSERT OR REPLACE INTO mirror_maps (mirror_id, side, size, map) "
                 "VALUES (?, ?, ?, ?)",
-                [(mirror_id, side, m.size, m.to_blob()) for side, m in maps.items()],
+                rows,
             )
+            if clear_intents:
+                self._db.execute("DELETE FROM mirror_intents WHERE mirror_id = ?", (mirror_id,))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
-    def log_intent(self, mirror_id: str, side: str, region: int) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO mirror_intents (mirror_id, side, region) VALUES (?, ?, ?)",
-            (mirror_id, side, region),
-        )
-
-    def clear_intents(self, mirror_id: str) -> None:
-        self._db.execute("DELETE FROM mirror_intents WHERE mirror_id = ?", (mirror_id,))
+    def log_intents(self, mirror_id: str, side: str, regions: list[int]) -> None:
+        """Log intent regions in one transaction: one durable commit however many."""
+        rows = [(mirror_id, side, region) for region in regions]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO mirror_intents (mirror_id, side, region) VALUES (?, ?, ?)",
+                rows,
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def load_maps(
         self, mirror_id: str, size: int
