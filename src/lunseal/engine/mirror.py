@@ -150,7 +150,6 @@ class MirrorStore(Protocol):
     def log_intents(self, mirror_id: str, side: str, regions: list[int]) -> None: ...
 
 
-
 class Mirror:
     def __init__(
         self,
