@@ -23,7 +23,7 @@ from lunseal.engine.layers import Layer
 from lunseal.engine.mirror import SYNCED
 from lunseal.engine.worker import LunWorker
 from lunseal.nbd.server import NbdServer
-from tests.engine.test_mirror import assert_identical, data, filled
+from tests.engine.test_mirror import MiB, assert_identical, data, drive, filled, synced_pair
 from tests.support.arrays import Arrays
 from tests.support.nbdclient import NbdClient
 
@@ -171,3 +171,31 @@ def test_a_stuck_checkpoint_flush_does_not_stop_nbd_reads_of_another_lun(
         busy.write(0, data(4096, 5))
 
     read_other_while_stuck(array, tmp_path / "nbd.sock", stuck, checkpoints, write)
+
+
+def test_a_host_write_to_a_split_target_racing_a_resync_is_copied_over(array: Array) -> None:
+    """With per-LUN workers, a host's write to a split rw target (target's worker)
+    can pass the target's guard just before a resync starts (source's worker):
+    the resync must still make the target equal to the source there."""
+    m = synced_pair(array)
+    m.split("rw")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_once(lun: object, offset: int, length: int) -> None:
+        if not entered.is_set():  # after the guard, before the mirror hears of it
+            entered.set()
+            assert release.wait(30)
+
+    m.target.listeners.insert(0, hold_once)
+    writer = threading.Thread(target=lambda: m.target.write(5 * MiB, data(4096, 7)))
+    writer.start()
+    try:
+        assert entered.wait(30)
+        m.resync()
+    finally:
+        release.set()
+        writer.join(30)
+    assert not writer.is_alive()
+    drive(array)
+    assert m.state == SYNCED
+    assert_identical(m.source, m.target)

@@ -37,6 +37,7 @@ the same marks and clears, so no status call scans or copies a map.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -168,6 +169,12 @@ class Mirror:
         self.store = store
         self.maps = maps
         self.union = _union_of(maps)
+        #: The maps are marked on the source's worker and, for host writes to a
+        #: split target, on the target's: one lock keeps marks, merges and clears whole.
+        self._lock = threading.RLock()
+        #: Set on the thread that is writing the target for this mirror, so the
+        #: target's gate can tell the mirror's own writes from a host's.
+        self._own = threading.local()
         self._intents = set(intents)
         self.copied = 0  # bytes copied by the running operation in this process
         self._last_mark = 0.0
@@ -210,41 +217,57 @@ class Mirror:
 
     def _to_leg(self, op: Callable[[], None]) -> None:
         try:
-            op()
+            self._as_mirror(op)
         except BackendError as exc:
             # The host's write succeeded on the source; the region is marked
             # (before the write), so a later resync repairs the target.
             self.degrade(f"target {self.leg.name} failed: {exc.message}")
 
+    def _as_mirror(self, op: Callable[[], None]) -> None:
+        self._own.writing = True
+        try:
+            op()
+        finally:
+            self._own.writing = False
+
     def _on_target_change(self, lun: Lun, offset: int, length: int) -> None:
-        # Only hosts write a split target; in other states the writer is this mirror.
-        if self.state == SPLIT:
-            self._mark(TARGET, offset, length)
+        if getattr(self._own, "writing", False):
+            return  # this mirror's own write (fan-out or copy)
+        with self._lock:
+            if self.state == SPLIT:
+                self._mark(TARGET, offset, length)
+            elif self.state in COPYING:
+                # A host write to a split rw target that passed the target's guard
+                # just before a resync or restore started (the target's worker runs
+                # it): the copy must cover it, so it goes to the copy's own map.
+                self._mark(SOURCE, offset, length)
 
     def log_intents(self, side: str, ranges: Iterable[tuple[int, int]]) -> int:
         """Log every intent region of ``ranges`` not yet logged, in one durable
         commit; returns how many were new.  Call it before a batch of writes so
         the batch pays one commit; each write's own mark then finds its regions
         logged already."""
-        new: list[int] = []
-        for offset, length in ranges:
-            if length <= 0:
-                continue
-            first, last = offset // INTENT_REGION, (offset + length - 1) // INTENT_REGION
-            new.extend(r for r in range(first, last + 1) if (side, r) not in self._intents)
-        if new:
-            regions = sorted(set(new))
-            self.store.log_intents(self.record.id, side, regions)  # durable before the writes
-            self._intents.update((side, r) for r in regions)
-        return len(new)
+        with self._lock:
+            new: set[int] = set()
+            for offset, length in ranges:
+                if length <= 0:
+                    continue
+                first, last = offset // INTENT_REGION, (offset + length - 1) // INTENT_REGION
+                new.update(r for r in range(first, last + 1) if (side, r) not in self._intents)
+            if new:
+                regions = sorted(new)
+                self.store.log_intents(self.record.id, side, regions)  # durable before writes
+                self._intents.update((side, r) for r in regions)
+            return len(new)
 
     def _mark(self, side: str, offset: int, length: int) -> None:
         if length <= 0:
             return
-        self.log_intents(side, ((offset, length),))
-        self.maps[side].mark(offset, length)
-        self.union.mark(offset, length)
-        self._last_mark = time.monotonic()
+        with self._lock:
+            self.log_intents(side, ((offset, length),))
+            self.maps[side].mark(offset, length)
+            self.union.mark(offset, length)
+            self._last_mark = time.monotonic()
 
     @property
     def work(self) -> ChangeMap:
@@ -298,10 +321,11 @@ class Mirror:
         self._start(SYNCING)
 
     def _start(self, state: str) -> None:
-        self.maps[SOURCE].merge(self.maps[TARGET])
-        self.maps[TARGET].clear(0, self.maps[TARGET].size)
-        self.copied = 0
-        self._set(state=state, op_total=self.dirty_bytes(), reason="")
+        with self._lock:  # no host mark on the target may fall between these
+            self.maps[SOURCE].merge(self.maps[TARGET])
+            self.maps[TARGET].clear(0, self.maps[TARGET].size)
+            self.copied = 0
+            self._set(state=state, op_total=self.dirty_bytes(), reason="")
         self.on_copy_start()
         self.checkpoint()  # in the copying state now, so the maps are kept
         log.info("mirror %s: %s %d bytes", self.name, state, self.record.op_total)
@@ -332,8 +356,9 @@ class Mirror:
                 else:
                     self.degrade(f"copy {offset}+{length} failed: {exc.message}")
                 break
-            self.work.clear(offset, length)
-            self.union.clear(offset, length)  # while copying, the target's map is empty
+            with self._lock:
+                self.work.clear(offset, length)
+                self.union.clear(offset, length)  # while copying, the target's map is empty
             done += length
         self.copied += done
         return done
@@ -348,9 +373,10 @@ class Mirror:
             else:
                 self.source.array_write(offset, self.leg.read(offset, length))
         elif _all_zero(self.source, offset, length):
-            self.leg.zero(offset, length)
+            self._as_mirror(lambda: self.leg.zero(offset, length))
         else:
-            self.leg.write(offset, self.source.backend.read(offset, length))
+            data = self.source.backend.read(offset, length)
+            self._as_mirror(lambda: self.leg.write(offset, data))
 
     def _finish(self) -> None:
         # Flush both sides once, then record the new state and the maps: nothing
@@ -393,11 +419,12 @@ class Mirror:
 
     def _save_checkpoint(self) -> None:
         """The second half of :meth:`checkpoint`, once both sides are flushed."""
-        if self.state == SYNCED:
-            for m in (*self.maps.values(), self.union):
-                m.clear(0, m.size)  # both sides hold the same bytes
-        self.store.save_maps(self.record.id, self.maps, bool(self._intents))
-        self._intents.clear()
+        with self._lock:
+            if self.state == SYNCED:
+                for m in (*self.maps.values(), self.union):
+                    m.clear(0, m.size)  # both sides hold the same bytes
+            self.store.save_maps(self.record.id, self.maps, bool(self._intents))
+            self._intents.clear()
 
     def recover(self) -> None:
         """At start-up, after the intent log was merged into ``work``."""
