@@ -185,11 +185,12 @@ async def _checkpoint_loop(array: Array, clean_after: float) -> None:
     retry = Retry("checkpoint")
     while True:
         await asyncio.sleep(interval)
-        luns = [lun for lun in array.luns() if lun.available]
-        results = await asyncio.gather(
-            *(run_on_lun(lun, partial(array.checkpoint, clean_after, lun)) for lun in luns),
-            return_exceptions=True,
-        )
+        jobs = [
+            run_on_lun(array.mirrors.writer_of(lun), partial(array.checkpoint, clean_after, lun))
+            for lun in array.luns()
+            if lun.available
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:  # the loop must outlive any failure
             await asyncio.sleep(retry.failed(failed))

@@ -20,6 +20,7 @@ from lunseal import daemon
 from lunseal.engine.array import Array
 from lunseal.engine.backend import Backend
 from lunseal.engine.layers import Layer
+from lunseal.engine.lun import Lun
 from lunseal.engine.mirror import SYNCED
 from lunseal.engine.worker import LunWorker
 from lunseal.nbd.server import NbdServer
@@ -199,3 +200,39 @@ def test_a_host_write_to_a_split_target_racing_a_resync_is_copied_over(array: Ar
     drive(array)
     assert m.state == SYNCED
     assert_identical(m.source, m.target)
+
+
+def test_a_mirror_targets_checkpoint_runs_on_the_worker_that_writes_it(
+    array: Array, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synced target is written by its source's worker (fan-out): its checkpoint
+    must run there too, or it could record the target clean while a write lands.
+    Once split, hosts write it on its own worker, and its checkpoint follows."""
+    m = synced_pair(array)
+    give_workers(array)
+    seen: dict[str, str] = {}
+
+    def record(idle: float, lun: Lun | None = None) -> None:
+        assert lun is not None
+        seen[lun.name] = threading.current_thread().name
+
+    monkeypatch.setattr(array, "checkpoint", record)
+
+    async def one_round() -> None:
+        seen.clear()
+        task = asyncio.create_task(daemon._checkpoint_loop(array, 0.0))
+        try:
+            for _ in range(3000):  # bounded by count
+                if len(seen) == 2:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("no checkpoint round")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(one_round())
+    assert seen == {"src": "lun-src", "dst": "lun-src"}
+    m.split("rw")
+    asyncio.run(one_round())
+    assert seen == {"src": "lun-src", "dst": "lun-dst"}

@@ -17,6 +17,7 @@ from lunseal.engine.mirror import (
     COPYING,
     GRANULARITY,
     SOURCE,
+    SPLIT,
     SYNCING,
     TARGET,
     LocalLeg,
@@ -168,6 +169,16 @@ class MirrorSet:
 
     def busy(self) -> bool:
         return any(m.state in COPYING for m in self._mirrors.values())
+
+    def writer_of(self, lun: Lun) -> Lun:
+        """The LUN on whose worker ``lun`` is written, so its checkpoints run there
+        too (a checkpoint racing a write could record a changed LUN as clean):
+        a mirror target is written by its source's worker (fan-out, copies)
+        except while split, when only hosts write it."""
+        for m in self._mirrors.values():
+            if m.target is lun and m.state != SPLIT:
+                return m.source
+        return lun
 
     def copying(self) -> list[Mirror]:
         return [m for m in self.all() if m.state in COPYING]
