@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import uvicorn
@@ -27,6 +28,7 @@ import uvloop
 from lunseal import __version__
 from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.array import CATALOG_FILE, Array
+from lunseal.engine.mirrors import run_on_lun
 from lunseal.errors import AddressInUse, InvalidArgument
 from lunseal.fsutil import atomic_write_json
 from lunseal.home import Home
@@ -174,36 +176,56 @@ class Retry:
 
 
 async def _checkpoint_loop(array: Array, clean_after: float) -> None:
-    """Mark LUNs clean once their changes have been idle (see engine.state)."""
+    """Mark LUNs clean once their changes have been idle (see engine.state).
+
+    The timer runs here; each LUN's checkpoint (the tamper check, flush and
+    catalog commit, its mirrors' too) runs on that LUN's worker, ordered with
+    its writes, so a slow disk delays only its own LUN."""
     interval = max(0.05, min(1.0, clean_after / 4))
     retry = Retry("checkpoint")
     while True:
         await asyncio.sleep(interval)
-        try:
-            array.checkpoint(clean_after)
-        except Exception as exc:  # the loop must outlive any failure
-            await asyncio.sleep(retry.failed(exc))
+        jobs = [
+            run_on_lun(array.mirrors.writer_of(lun), partial(array.checkpoint, clean_after, lun))
+            for lun in array.luns()
+            if lun.available
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:  # the loop must outlive any failure
+            await asyncio.sleep(retry.failed(failed))
         else:
             retry.succeeded()
 
 
 async def _mirror_copy_loop(array: Array) -> None:
-    """Drive mirror copies in bounded steps; host I/O runs between steps."""
+    """Drive mirror copies in bounded steps, each on its source LUN's worker:
+    the source's host I/O runs between steps, other LUNs are not involved, and
+    the event loop only waits for the step to finish."""
+    loop = asyncio.get_running_loop()
     work = asyncio.Event()
-    array.mirrors.wake = work.set
+
+    def wake() -> None:  # copies start on a worker thread (resync, restore)
+        loop.call_soon_threadsafe(work.set)
+
+    array.mirrors.wake = wake
     retry = Retry("mirror copy step")
     while True:
-        if array.mirrors.busy():
-            try:
-                array.mirrors.copy_step()
-            except Exception as exc:  # never stop every mirror's copy for good
-                await asyncio.sleep(retry.failed(exc))
-            else:
-                retry.succeeded()
-            await asyncio.sleep(0)
-        else:
+        copying = array.mirrors.copying()
+        if not copying:
             work.clear()
-            await work.wait()
+            if not array.mirrors.busy():  # a copy may have started since the check
+                await work.wait()
+            continue
+        results = await asyncio.gather(
+            *(run_on_lun(m.source, m.copy_step) for m in copying), return_exceptions=True
+        )
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:  # never stop every mirror's copy for good
+            await asyncio.sleep(retry.failed(failed))
+        else:
+            retry.succeeded()
+        await asyncio.sleep(0)  # inline steps (LUNs without a worker) still let hosts in
 
 
 async def _wait_for_stop(stop: asyncio.Event, api_task: asyncio.Task[None]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
+from lunseal.api.app import DaemonContext, create_app
+from lunseal.engine.layers import Layer
+from lunseal.engine.worker import LunWorker
 from lunseal.nbd import constants as c
+from lunseal.nbd.server import NbdServer
+from tests.engine.test_mirror import drive, synced_pair
+from tests.support.arrays import Arrays
 from tests.support.daemon import Daemon
 from tests.support.nbdclient import NbdClient
 
@@ -465,3 +473,55 @@ def test_clients_name_tcp_peers_by_address_and_port(
         local_port = nbd.sock.getsockname()[1]
         assert http.get(f"/v1/luns/{lun}").json()["clients"] == [f"127.0.0.1:{local_port}"]
         nbd.disconnect()
+
+
+def test_a_split_stuck_in_a_flush_does_not_stop_status_calls(tmp_path: Path) -> None:
+    """split flushes both sides: on the source's worker, so while that flush hangs
+    the API (same event loop) still answers a status call at once.  In-process
+    app (httpx's ASGI transport on this loop), real files, real workers."""
+
+    class StuckFlush(Layer):
+        def __init__(self, inner: Any) -> None:
+            super().__init__(inner)
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def flush(self) -> None:
+            self.entered.set()
+            self.release.wait(5)  # reached for 5 s only when the loop runs the flush itself
+            super().flush()
+
+    arrays = Arrays(tmp_path / "data")
+    array = arrays.open()
+    try:
+        m = synced_pair(array)
+        drive(array)
+        stuck = StuckFlush(m.target.backend)
+        m.target.backend = stuck
+        for lun in array.luns():
+            lun.worker = LunWorker(lun.name)
+        app = create_app(DaemonContext(array=array, nbd=NbdServer(array), token="t"))
+
+        async def scenario() -> tuple[int, bool, int]:
+            transport = httpx.ASGITransport(app=app)
+            headers = {"Authorization": "Bearer t"}
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://lunseal", headers=headers
+            ) as client:
+                split = asyncio.create_task(client.post(f"/v1/mirrors/{m.name}/split", json={}))
+                assert await asyncio.to_thread(stuck.entered.wait, 30)
+                status = await client.get(f"/v1/mirrors/{m.name}")
+                answered_while_stuck = not stuck.release.is_set() and not split.done()
+                stuck.release.set()
+                return status.status_code, answered_while_stuck, (await split).status_code
+
+        code, answered_while_stuck, split_code = asyncio.run(scenario())
+        assert code == 200
+        assert answered_while_stuck, "the status call waited for the split's flush"
+        assert split_code == 200
+        assert m.state == "split"
+    finally:
+        for lun in array.luns():
+            if lun.worker is not None:
+                lun.worker.stop(30)
+        arrays.close()

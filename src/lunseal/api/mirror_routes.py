@@ -7,6 +7,7 @@ from fastapi import FastAPI, Response
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
 from lunseal.engine.mirror import SOURCE, TARGET, Mirror
+from lunseal.engine.mirrors import run_on_lun
 from lunseal.errors import Conflict, LunsealError, NotFound
 from lunseal.schema.mirrors import (
     MirrorCreate,
@@ -28,7 +29,7 @@ def mirror_info(m: Mirror) -> MirrorInfo:
             "target": m.target.name,
             "state": rec.state,
             "percent_done": round(m.progress(), 2),
-            "bytes_left": m.dirty_bytes(),
+            "bytes_left": m.dirty_bytes(),  # O(1): counted, never rescanned
             "bytes_copied": m.copied,
             "source_dirty_regions": m.maps[SOURCE].changed_regions(),
             "target_dirty_regions": m.maps[TARGET].changed_regions(),
@@ -85,14 +86,15 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
     async def split(name: str, body: MirrorSplit | None = None) -> MirrorInfo:
         """Stop mirroring; from now on the regions written on either side are recorded."""
         m = mirrors.get(name)
-        m.split((body or MirrorSplit()).target_access)
+        access = (body or MirrorSplit()).target_access
+        await run_on_lun(m.source, lambda: m.split(access))  # flushes both sides
         return mirror_info(m)
 
     @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])
     async def resync(name: str) -> MirrorInfo:
         """Copy the regions written on either side since the split, source -> target."""
         m = mirrors.get(name)
-        m.resync()
+        await run_on_lun(m.source, m.resync)
         return mirror_info(m)
 
     @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
@@ -101,16 +103,19 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         m = mirrors.get(name)
         if not (body or MirrorRestore()).force:
             refuse_if_connected(m.source, f"restoring mirror {m.name}")
-        m.restore()
+        await run_on_lun(m.source, m.restore)
         return mirror_info(m)
 
     @app.get("/v1/mirrors/{name}/regions", response_model=MirrorRegions, tags=["mirrors"])
     async def regions(name: str) -> MirrorRegions:
         """The regions the next resync or restore would copy (written on either side)."""
         m = mirrors.get(name)
+        # A walk over the map (O(LUN size / 64 KiB)): on the source's worker, which
+        # also keeps it consistent with the writes that mark the map.
+        extents = await run_on_lun(m.source, m.copy_extents)
         return MirrorRegions(
             granularity=m.work.granularity,
-            extents=[MirrorExtent(offset=e.offset, length=e.length) for e in m.copy_extents()],
+            extents=[MirrorExtent(offset=e.offset, length=e.length) for e in extents],
         )
 
     @app.delete("/v1/mirrors/{name}", status_code=204, tags=["mirrors"])

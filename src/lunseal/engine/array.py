@@ -211,17 +211,25 @@ class Array:
         lun.require_available()
         return self._trackers[lun.record.uuid]
 
-    def checkpoint(self, idle: float) -> None:
-        """Record the exact state of every LUN whose changes have been idle ``idle`` s."""
+    def checkpoint(self, idle: float, lun: Lun | None = None) -> None:
+        """Record the exact state of every LUN whose changes have been idle ``idle`` s.
+
+        With ``lun``, only that LUN and the mirrors it is the source of: the
+        daemon runs one such job per LUN on the LUN's worker, so the flush and
+        catalog commit are ordered with the LUN's writes and stall no other LUN.
+        """
         # One LUN's failure must not keep the others dirty; the caller logs and retries.
         first: LunsealError | None = None
-        for tracker in self._trackers.values():
+        trackers = list(self._trackers.values())
+        if lun is not None:
+            trackers = [t for t in trackers if t.lun is lun]
+        for tracker in trackers:
             try:
                 tracker.checkpoint(idle)
             except LunsealError as exc:
                 log.debug("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
                 first = first or exc
-        self.mirrors.checkpoint(idle)
+        self.mirrors.checkpoint(idle, lun)
         if first is not None:
             raise first
 

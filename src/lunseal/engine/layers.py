@@ -5,7 +5,7 @@ does not change (nbdkit's filters).  The source LUN of a mirror gets a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp
 from lunseal.engine.mirror import FAN_OUT, Mirror
@@ -108,6 +108,16 @@ class MirroredBackend(Layer):
         self.inner.flush()
         for m in self.mirrors:
             m.replicate_flush()
+
+    def flush_own(self) -> None:
+        """Flush the source only (a mirror's checkpoint flushes its own leg)."""
+        self.inner.flush()
+
+    def log_intents(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Log the intent regions of a batch of writes about to run, one commit
+        per mirror for the whole batch (the writes then find them logged)."""
+        for m in self.mirrors:
+            m.log_source_intents(ranges)
 
     def resize(self, size: int) -> None:
         raise Conflict("a mirrored LUN cannot be resized; delete its mirrors first")

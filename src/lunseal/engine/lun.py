@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from lunseal.engine.backend import Backend, Extent, FileSlice
+from lunseal.engine.worker import LunWorker
 from lunseal.errors import InvalidArgument, LunUnavailable, NoSpace, OutOfRange, ReadOnly
 
 NAME_MAX = 64
@@ -103,6 +104,8 @@ class Lun:
     #: refused); empty while it is available.  Its backend is then an
     #: :class:`UnavailableBackend`.
     unavailable: str = ""
+    #: The LUN's ordered worker thread (set by the array; None runs jobs inline).
+    worker: LunWorker | None = None
 
     @property
     def name(self) -> str:

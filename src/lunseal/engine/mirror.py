@@ -16,19 +16,28 @@ anything else.  While a copy runs, the union is kept in ``source``.
 
 Crash safety (a write-intent log, as RAID bitmaps do): before a write lands
 in a 16 MiB intent region not yet logged in this busy period, the region is
-logged durably.  At a checkpoint (both sides flushed) the exact maps are
+logged durably.  One commit covers every new region of a write, or of a whole
+batch of writes (:meth:`Mirror.log_intents`, called before the batch's first
+write), never one commit per region.  At a checkpoint (both sides flushed) the exact maps are
 saved and the intent log cleared.  Recovery takes the saved map plus every
 logged intent region, so a crash never loses a mark; a synced mirror with
 marks after a crash resynchronises them.
 
 The copy runs in bounded steps (:meth:`Mirror.copy_step`) driven by the
-daemon.  Each chunk is read and written in one step on the engine's single
-thread, so a host write can never slip between a chunk's read and its write.
+daemon on the source LUN's worker, the thread that also runs the source's host
+writes: each chunk is read and written within one job, so a host write can
+never slip between a chunk's read and its write, and host I/O interleaves
+between steps.  Checkpoints run there too.
+
+Status is O(1): each map counts its marked regions, and ``union`` (the regions
+marked on either side, what a resync or restore copies) is kept up to date by
+the same marks and clears, so no status call scans or copies a map.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -116,6 +125,14 @@ class LocalLeg(MirrorLeg):
         self.lun.flush()
 
 
+def _union_of(maps: dict[str, ChangeMap]) -> ChangeMap:
+    """Built once (creation, start-up); marks and clears keep it current after."""
+    source = maps[SOURCE]
+    union = ChangeMap(source.size, source.granularity, bytearray(source.regions))
+    union.merge(maps[TARGET])
+    return union
+
+
 def _all_zero(lun: Lun, offset: int, length: int) -> bool:
     return all(ext.zero for ext in lun.backend.extents(offset, length))
 
@@ -141,11 +158,11 @@ class MirrorRecord:
 class MirrorStore(Protocol):
     def save_mirror(self, rec: MirrorRecord, maps: dict[str, ChangeMap] | None = None) -> None: ...
 
-    def save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None: ...
+    def save_maps(
+        self, mirror_id: str, maps: dict[str, ChangeMap], clear_intents: bool = False
+    ) -> None: ...
 
-    def log_intent(self, mirror_id: str, side: str, region: int) -> None: ...
-
-    def clear_intents(self, mirror_id: str) -> None: ...
+    def log_intents(self, mirror_id: str, side: str, regions: list[int]) -> None: ...
 
 
 class Mirror:
@@ -165,6 +182,13 @@ class Mirror:
         self.leg = leg
         self.store = store
         self.maps = maps
+        self.union = _union_of(maps)
+        #: The maps are marked on the source's worker and, for host writes to a
+        #: split target, on the target's: one lock keeps marks, merges and clears whole.
+        self._lock = threading.RLock()
+        #: Set on the thread that is writing the target for this mirror, so the
+        #: target's gate can tell the mirror's own writes from a host's.
+        self._own = threading.local()
         self._intents = set(intents)
         self.copied = 0  # bytes copied by the running operation in this process
         self._last_mark = 0.0
@@ -188,6 +212,11 @@ class Mirror:
         if self.state != RESTORING:
             self._mark(SOURCE, offset, length)
 
+    def log_source_intents(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Before a batch of source writes (see :meth:`log_intents`)."""
+        if self.state != RESTORING:
+            self.log_intents(SOURCE, ranges)
+
     def replicate_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.state in FAN_OUT:
             self._to_leg(lambda: self.leg.write(offset, data))
@@ -202,26 +231,57 @@ class Mirror:
 
     def _to_leg(self, op: Callable[[], None]) -> None:
         try:
-            op()
+            self._as_mirror(op)
         except BackendError as exc:
             # The host's write succeeded on the source; the region is marked
             # (before the write), so a later resync repairs the target.
             self.degrade(f"target {self.leg.name} failed: {exc.message}")
 
+    def _as_mirror(self, op: Callable[[], None]) -> None:
+        self._own.writing = True
+        try:
+            op()
+        finally:
+            self._own.writing = False
+
     def _on_target_change(self, lun: Lun, offset: int, length: int) -> None:
-        # Only hosts write a split target; in other states the writer is this mirror.
-        if self.state == SPLIT:
-            self._mark(TARGET, offset, length)
+        if getattr(self._own, "writing", False):
+            return  # this mirror's own write (fan-out or copy)
+        with self._lock:
+            if self.state == SPLIT:
+                self._mark(TARGET, offset, length)
+            elif self.state in COPYING:
+                # A host write to a split rw target that passed the target's guard
+                # just before a resync or restore started (the target's worker runs
+                # it): the copy must cover it, so it goes to the copy's own map.
+                self._mark(SOURCE, offset, length)
+
+    def log_intents(self, side: str, ranges: Iterable[tuple[int, int]]) -> int:
+        """Log every intent region of ``ranges`` not yet logged, in one durable
+        commit; returns how many were new.  Call it before a batch of writes so
+        the batch pays one commit; each write's own mark then finds its regions
+        logged already."""
+        with self._lock:
+            new: set[int] = set()
+            for offset, length in ranges:
+                if length <= 0:
+                    continue
+                first, last = offset // INTENT_REGION, (offset + length - 1) // INTENT_REGION
+                new.update(r for r in range(first, last + 1) if (side, r) not in self._intents)
+            if new:
+                regions = sorted(new)
+                self.store.log_intents(self.record.id, side, regions)  # durable before writes
+                self._intents.update((side, r) for r in regions)
+            return len(new)
 
     def _mark(self, side: str, offset: int, length: int) -> None:
         if length <= 0:
             return
-        for region in range(offset // INTENT_REGION, (offset + length - 1) // INTENT_REGION + 1):
-            if (side, region) not in self._intents:
-                self.store.log_intent(self.record.id, side, region)  # durable before the write
-                self._intents.add((side, region))
-        self.maps[side].mark(offset, length)
-        self._last_mark = time.monotonic()
+        with self._lock:
+            self.log_intents(side, ((offset, length),))
+            self.maps[side].mark(offset, length)
+            self.union.mark(offset, length)
+            self._last_mark = time.monotonic()
 
     @property
     def work(self) -> ChangeMap:
@@ -255,8 +315,7 @@ class Mirror:
             raise Conflict(f"mirror {self.name} is {self.state}; only a synced mirror can split")
         if target_access not in tuple(TargetAccess):
             raise Conflict(f"target access must be ro or rw, not {target_access!r}")
-        self.source.backend.flush()
-        self.leg.flush()
+        # One flush per side: the checkpoint's (the maps are clear once synced).
         self.checkpoint()
         access = TargetAccess(target_access)
         self._set(state=SPLIT, split_at=time.time(), target_access=access, reason="")
@@ -277,10 +336,11 @@ class Mirror:
         self._start(SYNCING)
 
     def _start(self, state: MirrorState) -> None:
-        self.maps[SOURCE].merge(self.maps[TARGET])
-        self.maps[TARGET].clear(0, self.maps[TARGET].size)
-        self.copied = 0
-        self._set(state=state, op_total=self.dirty_bytes(), reason="")
+        with self._lock:  # no host mark on the target may fall between these
+            self.maps[SOURCE].merge(self.maps[TARGET])
+            self.maps[TARGET].clear(0, self.maps[TARGET].size)
+            self.copied = 0
+            self._set(state=state, op_total=self.dirty_bytes(), reason="")
         self.on_copy_start()
         self.checkpoint()  # in the copying state now, so the maps are kept
         log.info("mirror %s: %s %d bytes", self.name, state, self.record.op_total)
@@ -311,7 +371,9 @@ class Mirror:
                 else:
                     self.degrade(f"copy {offset}+{length} failed: {exc.message}")
                 break
-            self.work.clear(offset, length)
+            with self._lock:
+                self.work.clear(offset, length)
+                self.union.clear(offset, length)  # while copying, the target's map is empty
             done += length
         self.copied += done
         return done
@@ -326,16 +388,19 @@ class Mirror:
             else:
                 self.source.array_write(offset, self.leg.read(offset, length))
         elif _all_zero(self.source, offset, length):
-            self.leg.zero(offset, length)
+            self._as_mirror(lambda: self.leg.zero(offset, length))
         else:
-            self.leg.write(offset, self.source.backend.read(offset, length))
+            data = self.source.backend.read(offset, length)
+            self._as_mirror(lambda: self.leg.write(offset, data))
 
     def _finish(self) -> None:
-        self.source.backend.flush()
-        self.leg.flush()
+        # Flush both sides once, then record the new state and the maps: nothing
+        # writes between (this job runs on the source's worker), so the one
+        # flush covers the checkpoint too.
+        self._flush_sides()
         finished = self.state
         self._set(state=SPLIT if finished == RESTORING else SYNCED, op_total=0)
-        self.checkpoint()
+        self._save_checkpoint()
         log.info("mirror %s: %s finished, now %s", self.name, finished, self.state)
 
     # -- durability -------------------------------------------------------------------------
@@ -355,16 +420,25 @@ class Mirror:
 
     def checkpoint(self) -> None:
         """Flush both sides, save the exact maps, clear the intent log."""
+        self._flush_sides()
+        self._save_checkpoint()
+
+    def _flush_sides(self) -> None:
         self._last_checkpoint = time.monotonic()
-        self.source.backend.flush()
+        # The source's own data only: flushing its MirroredBackend would flush
+        # every target of the source too, and this leg a second time.
+        backend = self.source.backend
+        getattr(backend, "flush_own", backend.flush)()
         if self.state != DEGRADED:
             self.leg.flush()
-        if self.state == SYNCED:
-            for m in self.maps.values():
-                m.clear(0, m.size)  # both sides hold the same bytes
-        self.store.save_maps(self.record.id, self.maps)
-        if self._intents:
-            self.store.clear_intents(self.record.id)
+
+    def _save_checkpoint(self) -> None:
+        """The second half of :meth:`checkpoint`, once both sides are flushed."""
+        with self._lock:
+            if self.state == SYNCED:
+                for m in (*self.maps.values(), self.union):
+                    m.clear(0, m.size)  # both sides hold the same bytes
+            self.store.save_maps(self.record.id, self.maps, bool(self._intents))
             self._intents.clear()
 
     def recover(self) -> None:
@@ -384,18 +458,16 @@ class Mirror:
 
     # -- status ------------------------------------------------------------------------------
 
-    def _union(self) -> ChangeMap:
-        union = ChangeMap(self.work.size, self.work.granularity, bytearray(self.work.regions))
-        union.merge(self.maps[TARGET])
-        return union
-
     def dirty_bytes(self) -> int:
-        """Bytes in regions that differ or may differ (union of both sides)."""
-        return self._union().changed_bytes()
+        """Bytes in regions that differ or may differ (union of both sides): O(1)."""
+        return self.union.changed_bytes()
+
+    def dirty_regions(self) -> int:
+        return self.union.changed_regions()
 
     def copy_extents(self) -> list[ChangedExtent]:
         """The regions that differ or may differ: what a resync or restore copies."""
-        return self._union().extents()
+        return self.union.extents()
 
     def progress(self) -> float:
         """Percent done of the running copy (100 when idle)."""

@@ -79,9 +79,15 @@ class SqliteMirrorStore:
         ]
 
     @guarded
-    def save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None:
+    def save_maps(
+        self, mirror_id: str, maps: dict[str, ChangeMap], clear_intents: bool = False
+    ) -> None:
+        """Save the exact maps (and, with ``clear_intents``, empty the intent log
+        they now cover) in one transaction: one durable commit per checkpoint."""
         with transaction(self._db):
             self._save_maps(mirror_id, maps)
+            if clear_intents:
+                self._db.execute("DELETE FROM mirror_intents WHERE mirror_id = ?", (mirror_id,))
 
     def _save_maps(self, mirror_id: str, maps: dict[str, ChangeMap]) -> None:
         self._db.executemany(
@@ -89,14 +95,15 @@ class SqliteMirrorStore:
             [(mirror_id, side, m.size, m.to_blob()) for side, m in maps.items()],
         )
 
-    def log_intent(self, mirror_id: str, side: str, region: int) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO mirror_intents (mirror_id, side, region) VALUES (?, ?, ?)",
-            (mirror_id, side, region),
-        )
-
-    def clear_intents(self, mirror_id: str) -> None:
-        self._db.execute("DELETE FROM mirror_intents WHERE mirror_id = ?", (mirror_id,))
+    @guarded
+    def log_intents(self, mirror_id: str, side: str, regions: list[int]) -> None:
+        """Log intent regions in one transaction: one durable commit however many."""
+        rows = [(mirror_id, side, region) for region in regions]
+        with transaction(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO mirror_intents (mirror_id, side, region) VALUES (?, ?, ?)",
+                rows,
+            )
 
     @guarded
     def load_maps(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from typing import TypeVar
 
 from lunseal.engine.changemap import ChangeMap
 from lunseal.engine.layers import MirroredBackend
@@ -15,6 +17,7 @@ from lunseal.engine.mirror import (
     COPYING,
     GRANULARITY,
     SOURCE,
+    SPLIT,
     SYNCING,
     TARGET,
     LocalLeg,
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 #: Looks a LUN up by UUID (the catalog links mirrors to LUNs by UUID).
 LunByUuid = Callable[[str], Lun | None]
+T = TypeVar("T")
 
 
 def _refuse_if_holds_data(target: Lun) -> None:
@@ -38,6 +42,14 @@ def _refuse_if_holds_data(target: Lun) -> None:
             f"target LUN {target.name} is not empty (data at byte {data.offset}): the mirror "
             "would overwrite it; use force to do it anyway"
         )
+
+
+async def run_on_lun(lun: Lun, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the LUN's worker, in order with its host I/O, without
+    blocking the event loop.  A LUN without a worker runs it inline."""
+    if lun.worker is None:
+        return fn()
+    return await asyncio.wrap_future(lun.worker.submit(fn))
 
 
 class MirrorSet:
@@ -157,12 +169,29 @@ class MirrorSet:
     def busy(self) -> bool:
         return any(m.state in COPYING for m in self._mirrors.values())
 
-    def copy_step(self, budget: int = COPY_CHUNK) -> int:
-        return sum(m.copy_step(budget) for m in self.all() if m.state in COPYING)
-
-    def checkpoint(self, idle: float) -> None:
+    def writer_of(self, lun: Lun) -> Lun:
+        """The LUN on whose worker ``lun`` is written, so its checkpoints run there
+        too (a checkpoint racing a write could record a changed LUN as clean):
+        a mirror target is written by its source's worker (fan-out, copies)
+        except while split, when only hosts write it."""
         for m in self._mirrors.values():
-            m.checkpoint_if_due(idle)
+            if m.target is lun and m.state != SPLIT:
+                return m.source
+        return lun
+
+    def copying(self) -> list[Mirror]:
+        return [m for m in self.all() if m.state in COPYING]
+
+    def copy_step(self, budget: int = COPY_CHUNK) -> int:
+        """One step of every running copy, inline (tests; the daemon runs each
+        mirror's step on its source's worker)."""
+        return sum(m.copy_step(budget) for m in self.copying())
+
+    def checkpoint(self, idle: float, source: Lun | None = None) -> None:
+        """Checkpoint the mirrors that are due (only those of ``source`` if given)."""
+        for m in list(self._mirrors.values()):
+            if source is None or m.source is source:
+                m.checkpoint_if_due(idle)
 
     def close(self) -> None:
         for m in self._mirrors.values():
