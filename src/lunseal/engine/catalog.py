@@ -8,7 +8,9 @@ Schema changes bump ``SCHEMA_VERSION`` and add a migration step.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any, Literal, Self
 
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror_store import SqliteMirrorStore
@@ -40,11 +42,50 @@ CREATE TABLE IF NOT EXISTS luns (
 _LUN_COLUMNS = "uuid, name, number, size, backend, path, owned, read_only, created_at"
 
 
+class _LockedConnection(sqlite3.Connection):
+    """A connection several threads may use: each statement, and each ``with``
+    block as a whole, runs under one re-entrant lock, so one LUN worker's
+    commit never lands inside another thread's transaction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.RLock()
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        with self.lock:
+            return super().execute(*args, **kwargs)
+
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        with self.lock:
+            return super().executemany(*args, **kwargs)
+
+    def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        with self.lock:
+            return super().executescript(*args, **kwargs)
+
+    def __enter__(self) -> Self:
+        self.lock.acquire()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> Literal[False]:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.lock.release()
+
+
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
-        # The engine runs on one thread; the API's handlers run on the same loop.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # One connection shared by the event loop and every LUN's worker:
+        # _LockedConnection serialises its statements and ``with`` blocks.
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, factory=_LockedConnection
+        )
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lunseal.engine.backend import Backend, Extent, FileSlice
+from lunseal.engine.worker import LunWorker
 from lunseal.errors import InvalidArgument, LunUnavailable, NoSpace, OutOfRange, ReadOnly
 
 NAME_MAX = 64
@@ -21,6 +22,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: "$" would acc
 SECTOR = 512
 MAX_LUN_SIZE = 1 << 50  # 1 PiB: far beyond anything here, small enough to catch typos
 MAX_LUN_NUMBER = 16383  # the SAM flat-space addressing limit, for a later iSCSI target
+
+T = TypeVar("T")
 
 #: Called as ``listener(lun, offset, length)`` when a change is accepted.
 ChangeListener = Callable[["Lun", int, int], None]
@@ -103,6 +106,14 @@ class Lun:
     #: refused); empty while it is available.  Its backend is then an
     #: :class:`UnavailableBackend`.
     unavailable: str = ""
+    #: The thread that runs this LUN's data operations, state changes and
+    #: flushes in order (set by the :class:`~lunseal.engine.array.Array` while
+    #: the LUN is available; ``None`` runs them on the caller's thread).
+    worker: LunWorker | None = None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the LUN's worker and wait for it (inline without one)."""
+        return fn() if self.worker is None else self.worker.call(fn)
 
     @property
     def name(self) -> str:

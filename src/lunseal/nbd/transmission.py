@@ -1,7 +1,9 @@
 """Transmission phase: one request in, reply buffers out, engine calls between.
 
-Flag and range checks happen here, once, before the engine is called; the
-engine's own exceptions carry the NBD errno to reply with.  Nothing a client
+:meth:`Transmission.check` (command and flags) runs on the event loop;
+:meth:`Transmission.execute` (range checks and the engine call) runs on the
+LUN's worker thread.  The engine's own exceptions carry the NBD errno to reply
+with.  Nothing a client
 sends can raise out of :meth:`Transmission.handle`: unexpected failures become
 EIO for that request and a log line, and the connection stays usable.
 """
@@ -76,13 +78,25 @@ class Transmission:
 
     def handle(self, req: Request, out: Buffers) -> None:
         """Append the reply to ``req`` to ``out`` (DISC is the caller's business)."""
+        if self.check(req, out):
+            self.execute(req, out)
+
+    def check(self, req: Request, out: Buffers) -> bool:
+        """The cheap checks the event loop makes before handing ``req`` to the
+        LUN's worker; False (with the error reply in ``out``) if it must not run."""
+        if req.type not in self._handlers:
+            self._error(req, c.EINVAL, f"unknown command {req.type}", out)
+            return False
+        if req.flags & ~_ALLOWED_FLAGS[req.type]:
+            message = f"flags {req.flags:#x} not valid for this command"
+            self._error(req, c.EINVAL, message, out)
+            return False
+        return True
+
+    def execute(self, req: Request, out: Buffers) -> None:
+        """Run a checked request against the LUN (on its worker) and append the reply."""
         try:
-            handler = self._handlers.get(req.type)
-            if handler is None:
-                raise RequestError(c.EINVAL, f"unknown command {req.type}")
-            if req.flags & ~_ALLOWED_FLAGS[req.type]:
-                raise RequestError(c.EINVAL, f"flags {req.flags:#x} not valid for this command")
-            handler(req, out)
+            self._handlers[req.type](req, out)
         except RequestError as exc:
             self._error(req, exc.error, exc.message, out)
         except LunsealError as exc:
