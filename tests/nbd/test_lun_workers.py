@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import uvloop
 
+from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.array import Array
 from lunseal.engine.backend import Backend
 from lunseal.engine.lun import Lun
@@ -208,3 +210,45 @@ def test_deleting_a_lun_with_requests_queued_drops_their_replies(served: Served)
 
 async def _delete(array: Array, name: str) -> None:
     array.delete_lun(name, force=True)
+
+
+def test_api_state_calls_run_on_the_luns_worker_behind_its_queued_writes(
+    served: Served,
+) -> None:
+    """A hold on LUN B waits for B's queued (stalled) write and is taken on B's
+    worker; LUN A's state answers meanwhile: the loop never waits for B."""
+    b = served.array.lun("b")
+    tracker = served.array.tracker("b")
+    threads: list[str] = []
+    real_acquire = tracker.acquire
+
+    def acquire(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_acquire(*args, **kwargs)
+
+    tracker.acquire = acquire  # type: ignore[method-assign]
+    app = create_app(DaemonContext(served.array, served.server, "t"))
+    headers = {"Authorization": "Bearer t"}
+    entered, release = stall(b, "write")
+
+    async def scenario() -> tuple[int, int, bool]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            hold = asyncio.ensure_future(
+                http.post("/v1/luns/b/holds", json={"hold": "h"}, headers=headers)
+            )
+            other = await asyncio.wait_for(http.get("/v1/luns/a/state", headers=headers), 20)
+            waited = not hold.done()
+            release.set()
+            return other.status_code, (await asyncio.wait_for(hold, 20)).status_code, waited
+
+    try:
+        with served.client("b") as client:
+            client.send_request(c.CMD_WRITE, 0, payload=pattern(5, 4 * KiB))
+            assert entered.wait(TIMEOUT)
+            other, held, waited = on_loop(served.loop, scenario())
+            assert client.read_reply().error == 0
+    finally:
+        release.set()
+    assert (other, held, waited) == (200, 201, True)
+    assert threads == ["lun-b"]
