@@ -79,7 +79,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 def backend_of(lun: Lun) -> Backend:
-    return lun.backend
+    return lun._backend
 
 
 def stall(lun: Lun, method: str) -> tuple[threading.Event, threading.Event]:

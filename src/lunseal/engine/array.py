@@ -199,7 +199,7 @@ class Array:
 
     def _release_backing(self, lun: Lun) -> None:
         """Close the LUN's backing file (dropping its lock) and forget it."""
-        lun.backend.close()
+        lun.close_backend()
         identity = self._identities.pop(lun.record.uuid, None)
         if identity is not None:
             backing.unregister(identity, self._holder(lun.name))
@@ -451,7 +451,7 @@ class Array:
             lun.run(lun.flush)  # what was written to the old file stays there, durably
         _stop_worker(lun)
         self._release_backing(lun)
-        lun.backend = backend
+        lun.swap_backend(backend)
         lun.unavailable = ""
         self._identities[lun.record.uuid] = backend.identity
         tracker = self._trackers.get(lun.record.uuid) or self._attach_tracker(lun, recover=False)

@@ -66,11 +66,10 @@ class MirrorSet:
         maps: dict[str, ChangeMap],
         intents: set[tuple[str, int]],
     ) -> Mirror:
-        if not isinstance(source.backend, MirroredBackend):
-            source.backend = MirroredBackend(source.backend)
+        fan_out = source.top_layer(MirroredBackend) or source.push_layer(MirroredBackend)
         mirror = Mirror(rec, source, target, LocalLeg(target), self.store, maps, intents)
         mirror.on_copy_start = lambda: self.wake()
-        source.backend.mirrors.append(mirror)
+        fan_out.mirrors.append(mirror)
         self._mirrors[rec.name] = mirror
         return mirror
 
@@ -142,11 +141,11 @@ class MirrorSet:
     def delete(self, name: str) -> None:
         mirror = self.get(name)
         mirror.detach()
-        backend = mirror.source.backend
-        if isinstance(backend, MirroredBackend):
-            backend.mirrors.remove(mirror)
-            if not backend.mirrors:
-                mirror.source.backend = backend.inner
+        fan_out = mirror.source.top_layer(MirroredBackend)
+        if fan_out is not None:
+            fan_out.mirrors.remove(mirror)
+            if not fan_out.mirrors:
+                mirror.source.pop_layer(fan_out)
         self.store.delete_mirror(mirror.record.id)
         del self._mirrors[mirror.name]
         log.info(
