@@ -45,7 +45,12 @@ def test_a_write_waits_for_another_threads_tracker_call(tmp_path: Path) -> None:
         # Another thread's write while the release is half done: it must not
         # interleave with it (the hold would be counted on, then vanish).
         wrote = threading.Event()
-        second = threading.Thread(target=lambda: (lun.write(512, b"y"), wrote.set()))
+
+        def write() -> None:
+            lun.write(512, b"y")
+            wrote.set()
+
+        second = threading.Thread(target=write)
         second.start()
         assert not wrote.wait(0.5), "the write ran inside another thread's tracker call"
         store.release.set()
