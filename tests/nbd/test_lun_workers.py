@@ -252,3 +252,43 @@ def test_api_state_calls_run_on_the_luns_worker_behind_its_queued_writes(
         release.set()
     assert (other, held, waited) == (200, 201, True)
     assert threads == ["lun-b"]
+
+
+def test_a_cached_read_is_answered_while_the_luns_worker_is_busy(served: Served) -> None:
+    """Page-cache reads need no hop: the loop answers them (RWF_NOWAIT) even
+    while the LUN's own worker is stuck in a flush."""
+    lun = served.array.lun("a")
+    with served.client("a") as client:
+        data = pattern(7, 4 * KiB)
+        assert client.write(8 * KiB, data) == 0  # now in the page cache
+        entered, release = stall(lun, "flush")
+        try:
+            cookie = client.send_request(c.CMD_FLUSH)
+            assert entered.wait(TIMEOUT)
+            with served.client("a", timeout=5.0) as reader:
+                assert reader.read(8 * KiB, 4 * KiB).data == data
+            release.set()
+            assert client.read_reply().cookie == cookie
+        finally:
+            release.set()
+
+
+def test_a_read_never_overtakes_its_connections_queued_write(served: Served) -> None:
+    """A READ pipelined behind a WRITE of the same range (still queued on the
+    worker) goes to the worker too, and sees the new data."""
+    lun = served.array.lun("a")
+    with served.client("a") as client:
+        old, new = pattern(1, 4 * KiB), pattern(2, 4 * KiB)
+        assert client.write(0, old) == 0  # cached: a fast path could serve it
+        entered, release = stall(lun, "write")
+        try:
+            w, raw_w = client.pack_request(c.CMD_WRITE, 0, payload=new)
+            r, raw_r = client.pack_request(c.CMD_READ, 0, 4 * KiB)
+            client.send(raw_w + raw_r)
+            assert entered.wait(TIMEOUT)
+            release.set()
+            replies = {reply.cookie: reply for reply in (client.read_reply(), client.read_reply())}
+        finally:
+            release.set()
+        assert replies[w].error == 0
+        assert replies[r].data == new

@@ -265,6 +265,18 @@ class Lun:
         self.stats.bytes_read += length
         return self._backend.read_slice(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """A read that never waits for a disk: the data, or ``None`` (read it on
+        the worker).  Front ends may call it on their event loop."""
+        if self.unavailable:
+            return None
+        self.check_read_range(offset, length)
+        data = self._backend.read_cached(offset, length)
+        if data is not None:
+            self.stats.reads += 1
+            self.stats.bytes_read += length
+        return data
+
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:

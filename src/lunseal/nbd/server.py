@@ -47,7 +47,7 @@ from lunseal.errors import ProtocolError
 from lunseal.nbd import constants as c
 from lunseal.nbd.codec import ClientFlags, OptionRequest, Request, ServerCodec
 from lunseal.nbd.negotiation import Negotiator
-from lunseal.nbd.transmission import Buffers, Transmission
+from lunseal.nbd.transmission import ZERO_COPY_MIN, Buffers, Transmission
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ ACCEPT_BATCH = 32
 FD_WATCH_INTERVAL = 1.0
 #: Pause before accepting again after running out of descriptors.
 ACCEPT_RETRY_DELAY = 0.5
-#: Read replies at least this long are sent with sendfile instead of pread+write.
-ZERO_COPY_MIN = 64 << 10
 #: Requests handed to the worker in one job at most (a receive may hold more).
 MAX_BATCH = 128
 
@@ -180,6 +178,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                     if len(batch) >= MAX_BATCH:
                         self._dispatch(batch)
                         batch = []
+                    if len(out) > 64:
+                        self._send(out)  # replies read from the cache: keep them bounded
                 else:
                     self._negotiate(event, out)
             self._dispatch(batch)
@@ -300,6 +300,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             # An error reply queued now may overtake replies of earlier requests
             # still in flight; NBD replies are matched by cookie, not order.
             return
+        if not batch and not self._inflight and self.transmission.read_cached(req, self._out):
+            # Served from the page cache without waiting for a disk: no thread
+            # hop.  Only with nothing of this connection queued before it, so a
+            # read never overtakes this connection's own earlier writes.
+            return
         if req.payload is not None:
             # The worker owns what it is handed: the codec reuses its buffer.
             req.payload = memoryview(bytes(req.payload))
@@ -327,7 +332,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 loop.call_soon_threadsafe(deliver, replies, cost)
 
         try:
-            worker.submit(job)
+            worker.post(job)
         except WorkerStopped as exc:
             # The LUN is being deleted or closed: its revocation closes us too.
             log.debug("NBD client %s: %s", self.peer, exc.message)

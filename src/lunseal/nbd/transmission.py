@@ -22,6 +22,9 @@ from lunseal.nbd.codec import Request
 
 log = logging.getLogger(__name__)
 
+#: Reads at least this long may go zero-copy (sendfile); shorter ones are read
+#: on the LUN's worker.  The server pre-reads slices shorter than this itself.
+ZERO_COPY_MIN = 64 << 10
 #: Reads at least this long are checked for holes and answered with OFFSET_HOLE.
 HOLE_SCAN_MIN = 256 << 10
 #: Largest extent length that fits the u32 field, kept 4 KiB aligned.
@@ -93,6 +96,26 @@ class Transmission:
             return False
         return True
 
+    def read_cached(self, req: Request, out: Buffers) -> bool:
+        """Answer a short READ from the page cache, on the loop, if that needs
+        no disk; False leaves it to the worker (which also reports any error)."""
+        if req.type != c.CMD_READ or not 0 < req.length < ZERO_COPY_MIN:
+            return False
+        if req.flags & c.CMD_FLAG_DF and not self.structured:
+            return False
+        try:
+            data = self.lun.read_cached(req.offset, req.length)
+        except LunsealError:
+            return False
+        if data is None:
+            return False
+        if self.structured:
+            out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
+        else:
+            out.append(codec.simple_reply(req.cookie))
+        out.append(memoryview(data))
+        return True
+
     def execute(self, req: Request, out: Buffers) -> None:
         """Run a checked request against the LUN (on its worker) and append the reply."""
         try:
@@ -124,8 +147,14 @@ class Transmission:
         elif self.structured and req.length >= HOLE_SCAN_MIN and not req.flags & c.CMD_FLAG_DF:
             self._read_sparse(req, out)  # lun.extents checks the range before anything is queued
         else:
-            # read_slice checks the range (once); the header is queued only after it passed.
-            data = self.lun.read_slice(req.offset, req.length)
+            # The read checks the range (once); the header is queued only after it
+            # passed.  A short one is read here, on the worker: a slice would be
+            # pread on the event loop (see ZERO_COPY_MIN), where a slow disk stalls all.
+            data: bytes | FileSlice
+            if req.length < ZERO_COPY_MIN:
+                data = self.lun.read(req.offset, req.length)
+            else:
+                data = self.lun.read_slice(req.offset, req.length)
             if self.structured:
                 out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
             else:
