@@ -190,7 +190,13 @@ async def _checkpoint_loop(array: Array, clean_after: float) -> None:
 async def _mirror_copy_loop(array: Array) -> None:
     """Drive mirror copies in bounded steps; host I/O runs between steps."""
     work = asyncio.Event()
-    array.mirrors.wake = work.set
+    loop = asyncio.get_running_loop()
+    # Mirror operations run on a LUN's worker thread: wake the loop from there safely.
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(work.set)
+
+    array.mirrors.wake = wake
     retry = Retry("mirror copy step")
     while True:
         if array.mirrors.busy():

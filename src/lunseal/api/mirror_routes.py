@@ -12,6 +12,7 @@ from lunseal.api.mirror_models import (
     MirrorRestore,
     MirrorSplit,
 )
+from lunseal.api.state_routes import on_lun_worker
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
 from lunseal.engine.mirror import SOURCE, TARGET, Mirror
@@ -66,7 +67,11 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
             target = array.create_lun(body.target, source.size)
             created = True
         try:
-            mirror = mirrors.create(source, target, body.name, require_empty=not body.force)
+            # On the source's worker: the fan-out layer goes in between two host writes.
+            mirror = await on_lun_worker(
+                source,
+                lambda: mirrors.create(source, target, body.name, require_empty=not body.force),
+            )
         except LunsealError:
             if created:  # a refused mirror leaves no LUN behind that the caller did not ask for
                 array.delete_lun(target.name, force=True)
@@ -85,14 +90,15 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
     async def split(name: str, body: MirrorSplit | None = None) -> MirrorInfo:
         """Stop mirroring; from now on the regions written on either side are recorded."""
         m = mirrors.get(name)
-        m.split((body or MirrorSplit()).target_access)
+        access = (body or MirrorSplit()).target_access
+        await on_lun_worker(m.source, lambda: m.split(access))
         return mirror_info(m)
 
     @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])
     async def resync(name: str) -> MirrorInfo:
         """Copy the regions written on either side since the split, source -> target."""
         m = mirrors.get(name)
-        m.resync()
+        await on_lun_worker(m.source, m.resync)
         return mirror_info(m)
 
     @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
@@ -101,7 +107,7 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         m = mirrors.get(name)
         if not (body or MirrorRestore()).force:
             refuse_if_connected(m.source, f"restoring mirror {m.name}")
-        m.restore()
+        await on_lun_worker(m.source, m.restore)
         return mirror_info(m)
 
     @app.get("/v1/mirrors/{name}/regions", response_model=MirrorRegions, tags=["mirrors"])
@@ -116,5 +122,6 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
     @app.delete("/v1/mirrors/{name}", status_code=204, tags=["mirrors"])
     async def delete_mirror(name: str) -> Response:
         """Delete the mirror; both LUNs stay."""
-        mirrors.delete(name)
+        source = mirrors.get(name).source
+        await on_lun_worker(source, lambda: mirrors.delete(name))
         return Response(status_code=204)

@@ -24,6 +24,7 @@ from lunseal.api.state_models import (
 )
 from lunseal.engine.array import Array
 from lunseal.engine.changemap import DEFAULT_GRANULARITY
+from lunseal.engine.lun import Lun
 from lunseal.engine.state import Hold, StateTracker
 from lunseal.errors import InvalidArgument
 from lunseal.units import parse_size
@@ -31,12 +32,16 @@ from lunseal.units import parse_size
 T = TypeVar("T")
 
 
-async def on_worker(tracker: StateTracker, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the tracker's LUN worker without blocking the loop."""
-    worker = tracker.lun.worker
+async def on_lun_worker(lun: Lun, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the LUN's worker (in order with its I/O) without blocking the loop."""
+    worker = lun.worker
     if worker is None:
         return fn()
     return await asyncio.wrap_future(worker.submit(fn))
+
+
+async def on_worker(tracker: StateTracker, fn: Callable[[], T]) -> T:
+    return await on_lun_worker(tracker.lun, fn)
 
 
 def hold_info(hold: Hold) -> HoldInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid as uuidlib
@@ -158,11 +159,17 @@ class MirrorSet:
         return any(m.state in COPYING for m in self._mirrors.values())
 
     def copy_step(self, budget: int = COPY_CHUNK) -> int:
-        return sum(m.copy_step(budget) for m in self.all() if m.state in COPYING)
+        # On the source's worker: a copy step must not interleave with the
+        # host writes that fan out to the same target regions.
+        return sum(
+            m.source.run(functools.partial(m.copy_step, budget))
+            for m in self.all()
+            if m.state in COPYING
+        )
 
     def checkpoint(self, idle: float) -> None:
         for m in self._mirrors.values():
-            m.checkpoint_if_due(idle)
+            m.source.run(functools.partial(m.checkpoint_if_due, idle))
 
     def close(self) -> None:
         for m in self._mirrors.values():
