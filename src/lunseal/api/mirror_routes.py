@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Response
 
 from lunseal.api.mirror_models import (
@@ -49,6 +51,17 @@ def refuse_if_connected(lun: Lun, what: str) -> None:
         )
 
 
+def then_info(m: Mirror, op: Callable[[], None]) -> Callable[[], MirrorInfo]:
+    """``op``, then the mirror's report, as one job for the source's worker (so
+    no copy step runs in between)."""
+
+    def run() -> MirrorInfo:
+        op()
+        return mirror_info(m)
+
+    return run
+
+
 def install_mirror_routes(app: FastAPI, array: Array) -> None:
     mirrors = array.mirrors
 
@@ -68,15 +81,17 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
             created = True
         try:
             # On the source's worker: the fan-out layer goes in between two host writes.
-            mirror = await on_lun_worker(
+            # The report is made on the worker too, before any copy step runs there.
+            return await on_lun_worker(
                 source,
-                lambda: mirrors.create(source, target, body.name, require_empty=not body.force),
+                lambda: mirror_info(
+                    mirrors.create(source, target, body.name, require_empty=not body.force)
+                ),
             )
         except LunsealError:
             if created:  # a refused mirror leaves no LUN behind that the caller did not ask for
                 array.delete_lun(target.name, force=True)
             raise
-        return mirror_info(mirror)
 
     @app.get("/v1/mirrors", response_model=list[MirrorInfo], tags=["mirrors"])
     async def list_mirrors() -> list[MirrorInfo]:
@@ -91,15 +106,13 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         """Stop mirroring; from now on the regions written on either side are recorded."""
         m = mirrors.get(name)
         access = (body or MirrorSplit()).target_access
-        await on_lun_worker(m.source, lambda: m.split(access))
-        return mirror_info(m)
+        return await on_lun_worker(m.source, then_info(m, lambda: m.split(access)))
 
     @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])
     async def resync(name: str) -> MirrorInfo:
         """Copy the regions written on either side since the split, source -> target."""
         m = mirrors.get(name)
-        await on_lun_worker(m.source, m.resync)
-        return mirror_info(m)
+        return await on_lun_worker(m.source, then_info(m, m.resync))
 
     @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
     async def restore(name: str, body: MirrorRestore | None = None) -> MirrorInfo:
@@ -107,8 +120,7 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         m = mirrors.get(name)
         if not (body or MirrorRestore()).force:
             refuse_if_connected(m.source, f"restoring mirror {m.name}")
-        await on_lun_worker(m.source, m.restore)
-        return mirror_info(m)
+        return await on_lun_worker(m.source, then_info(m, m.restore))
 
     @app.get("/v1/mirrors/{name}/regions", response_model=MirrorRegions, tags=["mirrors"])
     async def regions(name: str) -> MirrorRegions:
