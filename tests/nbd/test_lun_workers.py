@@ -8,8 +8,6 @@ only way to make a stall deterministic without depending on machine speed.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -61,7 +59,6 @@ def served(tmp_path: Path) -> Iterator[Served]:
     array = Array.open(tmp_path / "home")
     array.create_lun("a", 32 * MiB)
     array.create_lun("b", 32 * MiB)
-    sock_dir = Path(tempfile.mkdtemp(prefix="lunseal-w-"))
     loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="nbd-test-loop", daemon=True)
     thread.start()
@@ -75,7 +72,6 @@ def served(tmp_path: Path) -> Iterator[Served]:
         thread.join(10)
         loop.close()
         array.close()
-        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def backend_of(lun: Lun) -> Backend:
