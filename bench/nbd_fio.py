@@ -6,7 +6,12 @@ about the NBD servers, not the disk.  Each workload runs time-based against
 each server in turn (the order alternates between repetitions); the table
 shows the median IOPS and MB/s (10^6 bytes/s) of each and lunseal/nbdkit.
 
-    .venv/bin/python bench/nbd_fio.py [--duration 10] [--reps 5] [--json out.json]
+State tracking is on (a hold with a change map on every LUN) unless
+``--no-tracking``: that is how a backed-up array runs.  ``--luns N`` serves N
+LUNs (nbdkit: N exports of one file plugin ``dir=``) and runs one fio job per
+LUN at once; the table then shows the aggregate of the N jobs.
+
+    .venv/bin/python bench/nbd_fio.py [--duration 10] [--reps 5] [--luns 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class Server:
     uri: str
     proc: subprocess.Popen[bytes]
     info: dict[str, Any] = field(default_factory=dict)
+    #: One URI per LUN/export (``uri`` is the first).
+    uris: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,11 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
         time.sleep(0.05)
 
 
-def start_lunseal(workdir: Path, size: int) -> Server:
+def lun_names(luns: int) -> list[str]:
+    return [LUN_NAME] if luns == 1 else [f"{LUN_NAME}{i}" for i in range(luns)]
+
+
+def start_lunseal(workdir: Path, size: int, luns: int = 1, tracking: bool = False) -> Server:
     home = workdir / "lunseal"
     home.mkdir()
     cmd = [lunseal_binary(), "--home", str(home), "serve", "--nbd-port", "0"]
@@ -99,23 +110,34 @@ def start_lunseal(workdir: Path, size: int) -> Server:
     with (workdir / "lunseal.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     wait_for(home / "daemon.json", proc, "lunseal")
-    info = lunseal_cli(home, "lun", "create", LUN_NAME, str(size))
     sock = json.loads((home / "daemon.json").read_text())["nbd_unix"]
-    uri = f"nbd+unix:///{LUN_NAME}?socket={sock}"
-    return Server("lunseal", uri, proc, {"home": str(home), "path": info["path"]})
+    uris, paths = [], []
+    for name in lun_names(luns):
+        info = lunseal_cli(home, "lun", "create", name, str(size))
+        if tracking:
+            # What a backed-up array runs with: a hold that keeps a change map.
+            lunseal_cli(home, "state", "enable", name, "--hold", "bench", "--track-changes")
+        uris.append(f"nbd+unix:///{name}?socket={sock}")
+        paths.append(info["path"])
+    info = {"home": str(home), "path": paths[0], "tracking": tracking}
+    return Server("lunseal", uris[0], proc, info, uris)
 
 
-def start_nbdkit(workdir: Path, size: int, threads: int | None) -> Server:
-    image, sock = workdir / "nbdkit.img", workdir / "nbdkit.sock"
-    with image.open("wb") as f:
-        f.truncate(size)
+def start_nbdkit(workdir: Path, size: int, threads: int | None, luns: int = 1) -> Server:
+    sock = workdir / "nbdkit.sock"
+    images = workdir / "nbdkit-exports"
+    images.mkdir()
+    for name in lun_names(luns):
+        with (images / name).open("wb") as f:
+            f.truncate(size)
     cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock)]
     cmd += ["--threads", str(threads)] if threads else []
-    cmd += ["file", str(image)]
+    cmd += ["file", f"dir={images}"]  # one export per file, named like it
     with (workdir / "nbdkit.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     wait_for(sock, proc, "nbdkit")
-    return Server("nbdkit", f"nbd+unix:///?socket={sock}", proc, {"path": str(image)})
+    uris = [f"nbd+unix:///{name}?socket={sock}" for name in lun_names(luns)]
+    return Server("nbdkit", uris[0], proc, {"path": str(images / LUN_NAME)}, uris)
 
 
 def stop(server: Server) -> None:
@@ -129,9 +151,9 @@ def stop(server: Server) -> None:
 
 
 @contextmanager
-def lunseal_running(workdir: Path, size: int) -> Iterator[Server]:
+def lunseal_running(workdir: Path, size: int, tracking: bool = False) -> Iterator[Server]:
     """A lunseal daemon for a benchmark; its log's tail is printed if the run fails."""
-    server = start_lunseal(workdir, size)
+    server = start_lunseal(workdir, size, tracking=tracking)
     try:
         yield server
     except BaseException:
@@ -144,11 +166,13 @@ def lunseal_running(workdir: Path, size: int) -> Iterator[Server]:
 
 
 @contextmanager
-def servers(workdir: Path, size: int, threads: int | None) -> Iterator[list[Server]]:
+def servers(
+    workdir: Path, size: int, threads: int | None, luns: int = 1, tracking: bool = True
+) -> Iterator[list[Server]]:
     with ExitStack() as stack:
-        lunseal = start_lunseal(workdir, size)
+        lunseal = start_lunseal(workdir, size, luns, tracking)
         stack.callback(stop, lunseal)
-        nbdkit = start_nbdkit(workdir, size, threads)
+        nbdkit = start_nbdkit(workdir, size, threads, luns)
         stack.callback(stop, nbdkit)
         yield [lunseal, nbdkit]
 
@@ -156,15 +180,22 @@ def servers(workdir: Path, size: int, threads: int | None) -> Iterator[list[Serv
 # -- fio -------------------------------------------------------------------------------
 
 
-def fio_args(uri: str, output: Path, *options: str) -> list[str]:
+def fio_args(uri: str | list[str], output: Path, *options: str) -> list[str]:
+    """fio with the shared ``options`` and one job per URI (all run at once,
+    reported as one group)."""
+    uris = [uri] if isinstance(uri, str) else uri
+    jobs = []
+    for i, u in enumerate(uris):
+        jobs += [f"--name=bench{i}", f"--uri={u}"]
+    group = ["--group_reporting"] if len(uris) > 1 else []
     return [
         "fio",
-        "--name=bench",
         "--ioengine=nbd",
-        f"--uri={uri}",
         "--output-format=json",
         f"--output={output}",
+        *group,
         *options,
+        *jobs,
     ]
 
 
@@ -182,8 +213,9 @@ def precondition(server: Server, size: int, workdir: Path) -> None:
     """Write every byte once (1 MiB sequential), so no read hits a hole."""
     out = workdir / f"fill-{server.name}.json"
     options = ["--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}"]
-    job = run_fio(fio_args(server.uri, out, *options), workdir, timeout=600)
-    if job["write"]["io_bytes"] != size:
+    uris = server.uris or [server.uri]
+    job = run_fio(fio_args(uris, out, *options), workdir, timeout=600)
+    if job["write"]["io_bytes"] != size * len(uris):
         raise SystemExit(f"preconditioning {server.name} wrote {job['write']['io_bytes']} bytes")
 
 
@@ -200,7 +232,7 @@ def measure(server: Server, w: Workload, opts: argparse.Namespace, workdir: Path
         f"--ramp_time={opts.ramp}",
     ]
     timeout = opts.duration + opts.ramp + 60
-    job = run_fio(fio_args(server.uri, out, *options), workdir, timeout)
+    job = run_fio(fio_args(server.uris or [server.uri], out, *options), workdir, timeout)
     stats = job[w.direction]
     return Sample(iops=float(stats["iops"]), bw_bytes=float(stats["bw_bytes"]))
 
@@ -327,6 +359,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--nbdkit-threads", type=int, default=None, help="nbdkit --threads")
     p.add_argument("--no-probe", action="store_true", help="skip the connection/thread probe")
+    p.add_argument("--luns", type=int, default=1, help="LUNs/exports, one fio job each")
+    p.add_argument(
+        "--no-tracking", action="store_true", help="no hold (tracking off) on lunseal's LUNs"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write results here")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temp directory")
     return p.parse_args(argv)
@@ -362,11 +398,13 @@ def benchmark(
 
 def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     workloads = selected(opts.workloads)
-    with servers(workdir, opts.size, opts.nbdkit_threads) as pair:
+    tracking = not opts.no_tracking
+    with servers(workdir, opts.size, opts.nbdkit_threads, opts.luns, tracking) as pair:
         for server in pair:
             precondition(server, opts.size, workdir)
         os.sync()  # write back the fill now, not during the measurements
-        probed = [] if opts.no_probe else probe(pair[0], pair[1], workdir, opts.size)
+        skip_probe = opts.no_probe or opts.luns > 1
+        probed = [] if skip_probe else probe(pair[0], pair[1], workdir, opts.size)
         results = benchmark(pair, workloads, opts, workdir)
     return {
         "environment": environment(),

@@ -28,7 +28,7 @@ import uvloop
 from lunseal import __version__
 from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.array import CATALOG_FILE, Array
-from lunseal.engine.mirrors import run_on_lun
+from lunseal.engine.lun import run_on_lun
 from lunseal.errors import AddressInUse, InvalidArgument
 from lunseal.fsutil import atomic_write_json
 from lunseal.home import Home

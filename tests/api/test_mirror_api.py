@@ -15,7 +15,6 @@ import pytest
 
 from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.layers import Layer
-from lunseal.engine.worker import LunWorker
 from lunseal.nbd import constants as c
 from lunseal.nbd.server import NbdServer
 from tests.engine.test_mirror import drive, synced_pair
@@ -496,10 +495,8 @@ def test_a_split_stuck_in_a_flush_does_not_stop_status_calls(tmp_path: Path) -> 
     try:
         m = synced_pair(array)
         drive(array)
-        stuck = StuckFlush(m.target.backend)
-        m.target.backend = stuck
-        for lun in array.luns():
-            lun.worker = LunWorker(lun.name)
+        stuck = m.target.push_layer(StuckFlush)
+        assert all(lun.worker is not None for lun in array.luns())
         app = create_app(DaemonContext(array=array, nbd=NbdServer(array), token="t"))
 
         async def scenario() -> tuple[int, bool, int]:

@@ -369,8 +369,8 @@ def test_a_file_shrunk_while_down_is_served_at_the_recorded_size(
 
 def test_a_failed_flush_at_close_is_recorded_as_unclean(arrays: Arrays, array: Array) -> None:
     lun = array.create_lun("a", MiB)
-    lun.backend.close()
-    lun.backend = FileBackend(Path("/dev/full"))  # fdatasync fails on it for real
+    lun._backend.close()
+    lun._backend = FileBackend(Path("/dev/full"))  # fdatasync fails on it for real
     assert not arrays.reopen(array).last_shutdown_clean
 
 

@@ -172,7 +172,7 @@ def test_a_hole_in_the_source_becomes_zeroes_on_the_target(array: Array) -> None
 def test_synced_writes_reach_the_target_before_they_are_acknowledged(array: Array) -> None:
     m = synced_pair(array)
     s, t = m.source, m.target
-    assert isinstance(s.backend, MirroredBackend)
+    assert isinstance(s._backend, MirroredBackend)
 
     s.write(MiB + 3, b"fan-out")
     assert t.backend.read(MiB + 3, 7) == b"fan-out"  # no copy step in between
@@ -429,8 +429,8 @@ def test_several_targets_each_keep_their_own_split_time_and_maps(array: Array) -
     ms = [array.mirrors.create(s, array.create_lun(f"copy{i}", SIZE)) for i in range(3)]
     drive(array)
     assert [m.state for m in ms] == [SYNCED] * 3
-    assert isinstance(s.backend, MirroredBackend)
-    assert len(s.backend.mirrors) == 3
+    assert isinstance(s._backend, MirroredBackend)
+    assert len(s._backend.mirrors) == 3
     m0, m1, m2 = ms
 
     m0.split()
@@ -485,7 +485,7 @@ def test_a_target_cannot_join_a_second_mirror_nor_become_a_source(array: Array) 
     with pytest.raises(Conflict, match="already exists"):
         array.mirrors.create(m.source, other, name="dst")
     assert [x.name for x in array.mirrors.all()] == ["dst"]
-    assert not isinstance(other.backend, MirroredBackend)
+    assert not isinstance(other._backend, MirroredBackend)
     other.write(0, b"other is untouched by the refusals")
 
 
@@ -502,7 +502,7 @@ def test_create_refuses_itself_a_size_mismatch_and_a_read_only_target(array: Arr
     with pytest.raises(InvalidArgument, match="invalid"):
         array.mirrors.create(s, array.create_lun("fine", SIZE), name="bad name")
     assert array.mirrors.all() == []
-    assert isinstance(s.backend, FileBackend)
+    assert isinstance(s._backend, FileBackend)
 
 
 # -- faults ----------------------------------------------------------------------------------------
@@ -511,8 +511,8 @@ def test_create_refuses_itself_a_size_mismatch_and_a_read_only_target(array: Arr
 def test_a_failing_target_degrades_the_mirror_and_never_fails_the_host(array: Array) -> None:
     m = synced_pair(array)
     s, t = m.source, m.target
-    faulty = FaultyBackend(t.backend)
-    t.backend = faulty
+    faulty = FaultyBackend(t._backend)
+    t._backend = faulty
     target_before = content(t)
     faulty.fail_writes = True
 
@@ -545,8 +545,8 @@ def test_a_failing_target_degrades_the_mirror_and_never_fails_the_host(array: Ar
 def test_a_target_failing_during_a_copy_degrades_and_resync_finishes_it(array: Array) -> None:
     s = filled(array, "src", seed=1)
     t = array.create_lun("dst", SIZE)
-    faulty = FaultyBackend(t.backend)
-    t.backend = faulty
+    faulty = FaultyBackend(t._backend)
+    t._backend = faulty
     m = array.mirrors.create(s, t)
     array.mirrors.copy_step(2 * MiB)
     faulty.fail_writes = True
@@ -568,9 +568,9 @@ def test_a_failing_source_fails_the_host_write_and_degrades_the_mirror(array: Ar
     whether the sides still match, so the mirror degrades and a resync equalises them."""
     m = synced_pair(array)
     s, t = m.source, m.target
-    assert isinstance(s.backend, MirroredBackend)
-    faulty = FaultyBackend(s.backend.inner)
-    s.backend.inner = faulty
+    assert isinstance(s._backend, MirroredBackend)
+    faulty = FaultyBackend(s._backend.inner)
+    s._backend.inner = faulty
     target_before = t.backend.read(0, MiB)
     faulty.fail_writes = True
     with pytest.raises(BackendError, match="injected write failure"):
@@ -600,9 +600,9 @@ def test_a_failed_restore_stays_split_so_it_can_be_retried(array: Array) -> None
     backup = content(m.target)
     _, target_token = array.tracker("dst").acquire("backup")
     write_all(m.source, [(0, 4 * MiB)], seed=30)
-    assert isinstance(m.source.backend, MirroredBackend)
-    faulty = FaultyBackend(m.source.backend.inner)
-    m.source.backend.inner = faulty
+    assert isinstance(m.source._backend, MirroredBackend)
+    faulty = FaultyBackend(m.source._backend.inner)
+    m.source._backend.inner = faulty
     m.restore()
     array.mirrors.copy_step(MiB)
     faulty.fail_writes = True
@@ -628,7 +628,7 @@ def test_delete_keeps_both_luns_and_unwraps_the_source(arrays: Arrays, array: Ar
     m = synced_pair(array)
     s, t = m.source, m.target
     array.mirrors.delete("dst")
-    assert isinstance(s.backend, FileBackend)
+    assert isinstance(s._backend, FileBackend)
     assert not t.read_only
     with pytest.raises(NotFound):
         array.mirrors.get("dst")
@@ -639,7 +639,7 @@ def test_delete_keeps_both_luns_and_unwraps_the_source(arrays: Arrays, array: Ar
 
     array = arrays.restart()
     assert array.mirrors.all() == []
-    assert isinstance(array.lun("src").backend, FileBackend)
+    assert isinstance(array.lun("src")._backend, FileBackend)
     assert array.lun("dst").read(0, 11) == b"target only"
 
 
@@ -648,13 +648,13 @@ def test_deleting_one_of_two_mirrors_keeps_the_other_working(array: Array) -> No
     m2 = synced_pair(array, target="two")
     array.mirrors.delete("one")
     s = m1.source
-    assert isinstance(s.backend, MirroredBackend)
-    assert s.backend.mirrors == [m2]
+    assert isinstance(s._backend, MirroredBackend)
+    assert s._backend.mirrors == [m2]
     s.write(0, b"still fanned out")
     assert m2.target.backend.read(0, 5) == b"still"
     assert m1.target.backend.read(0, 5) != b"still"
     array.mirrors.delete("two")
-    assert isinstance(s.backend, FileBackend)
+    assert isinstance(s._backend, FileBackend)
 
 
 def test_a_mirror_is_found_by_its_name_or_its_target(array: Array) -> None:
@@ -678,7 +678,7 @@ def test_a_lun_in_a_mirror_is_deleted_only_with_force_and_cannot_grow(array: Arr
     assert array.mirrors.get("dst") is m
     array.delete_lun("dst", force=True)
     assert array.mirrors.all() == []
-    assert isinstance(array.lun("src").backend, FileBackend)
+    assert isinstance(array.lun("src")._backend, FileBackend)
     array.lun("src").write(0, b"fine")
     array.grow_lun("src", 2 * SIZE)
 
@@ -702,7 +702,7 @@ def test_a_split_mirror_survives_a_restart_with_its_maps_and_split_time(
     assert m.record.split_at == split_at
     # A clean shutdown saves the exact maps, not the intent log's coarse regions.
     assert {side: bytes(m.maps[side].regions) for side in (SOURCE, TARGET)} == maps
-    assert isinstance(m.source.backend, MirroredBackend)
+    assert isinstance(m.source._backend, MirroredBackend)
     m.target.write(11 * MiB, b"still writable after the restart")
     assert marked(m, TARGET) == regions([*TARGET_WRITES, (11 * MiB, 32)])
 
@@ -728,8 +728,8 @@ def test_a_synced_mirror_survives_a_restart_and_keeps_fanning_out(
 
 def test_a_degraded_mirror_survives_a_restart_with_its_reason(arrays: Arrays, array: Array) -> None:
     m = synced_pair(array)
-    faulty = FaultyBackend(m.target.backend)
-    m.target.backend = faulty
+    faulty = FaultyBackend(m.target._backend)
+    m.target._backend = faulty
     faulty.fail_writes = True
     m.source.write(MiB, b"missed by the target")
     reason = m.record.reason

@@ -22,7 +22,6 @@ from lunseal.engine.backend import Backend
 from lunseal.engine.layers import Layer
 from lunseal.engine.lun import Lun
 from lunseal.engine.mirror import SYNCED
-from lunseal.engine.worker import LunWorker
 from lunseal.nbd.server import NbdServer
 from tests.engine.test_mirror import MiB, assert_identical, data, drive, filled, synced_pair
 from tests.support.arrays import Arrays
@@ -76,8 +75,8 @@ def array(arrays: Arrays) -> Iterator[Array]:
 
 
 def give_workers(array: Array) -> None:
-    for lun in array.luns():
-        lun.worker = LunWorker(lun.name)
+    """The array gives every available LUN its worker; make sure it did."""
+    assert all(lun.worker is not None for lun in array.luns())
 
 
 def read_other_while_stuck(
@@ -122,8 +121,7 @@ def test_a_stuck_copy_step_does_not_stop_nbd_reads_of_another_lun(
     src = filled(array, "src", seed=1)
     filled(array, "other", seed=2)
     dst = array.create_lun("dst", src.size)
-    stuck = Stuck(src.backend, "read")
-    src.backend = stuck
+    stuck = src.push_layer(lambda inner: Stuck(inner, "read"))
     give_workers(array)
     mirror = None
 
@@ -161,8 +159,7 @@ def test_a_stuck_checkpoint_flush_does_not_stop_nbd_reads_of_another_lun(
     busy = filled(array, "busy", seed=3)
     filled(array, "other", seed=4)
     array.checkpoint(0.0)  # both clean: only a new write makes a checkpoint due
-    stuck = Stuck(busy.backend, "flush")
-    busy.backend = stuck
+    stuck = busy.push_layer(lambda inner: Stuck(inner, "flush"))
     give_workers(array)
 
     async def checkpoints() -> None:

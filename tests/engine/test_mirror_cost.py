@@ -143,8 +143,9 @@ def test_a_batch_of_writes_logs_its_intent_regions_in_one_commit(
     m.checkpoint()
     commits = count_intent_commits(monkeypatch, m)
     batch = [(r * INTENT_REGION + 4096 * r, 4096) for r in range(4)]
-    assert isinstance(source.backend, MirroredBackend)
-    source.backend.log_intents(batch)  # what a worker does before running a batch
+    fanout = source.top_layer(MirroredBackend)
+    assert fanout is not None
+    fanout.log_intents(batch)  # what a worker does before running a batch
     for i, (offset, length) in enumerate(batch):
         source.write(offset, data(length, i))
     assert commits == [4]  # one commit for the batch; the writes found their regions logged
@@ -181,9 +182,9 @@ def count_intent_commits(monkeypatch: pytest.MonkeyPatch, m: Mirror) -> list[int
 def count_flushes(monkeypatch: pytest.MonkeyPatch, m: Mirror) -> dict[str, int]:
     """fdatasyncs of each side's backing file."""
     flushes = {SOURCE: 0, TARGET: 0}
-    source = m.source.backend
-    assert isinstance(source, MirroredBackend)
-    for side, backend in ((SOURCE, source.inner), (TARGET, m.target.backend)):
+    source = m.source.top_layer(MirroredBackend)
+    assert source is not None
+    for side, backend in ((SOURCE, source.inner), (TARGET, m.target._backend)):
         real = backend.flush
 
         def counted(side: str = side, real: object = real) -> None:

@@ -139,11 +139,11 @@ def test_a_crash_between_the_source_write_and_the_fan_out_is_resynced(
     arrays: Arrays, array: Array
 ) -> None:
     m = synced_pair(array)
-    assert isinstance(m.source.backend, MirroredBackend)
+    assert isinstance(m.source._backend, MirroredBackend)
     # What MirroredBackend.write does, stopped by the crash before the fan-out:
     offset, payload = 3 * INTENT_REGION + 3 * MiB, data(8 * KiB, 4)
     m.before_source_change(offset, len(payload))
-    m.source.backend.inner.write(offset, payload)
+    m.source._backend.inner.write(offset, payload)
     assert m.target.backend.read(offset, len(payload)) != payload
 
     array = arrays.crash()

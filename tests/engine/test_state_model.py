@@ -114,8 +114,8 @@ class StateModel(RuleBasedStateMachine):
     def volatile(self) -> None:
         """Put every LUN's backend on a volatile cache that a power loss empties."""
         for lun in self.arr.luns():
-            if not isinstance(lun.backend, PowerLossBackend):
-                lun.backend = PowerLossBackend(lun.backend)
+            if not isinstance(lun._backend, PowerLossBackend):
+                lun._backend = PowerLossBackend(lun._backend)
 
     def teardown(self) -> None:
         if self.array is not None:
@@ -307,7 +307,7 @@ class StateModel(RuleBasedStateMachine):
         path = Path(self.arr.lun(victim).record.path)
         if power_loss:
             for name, m in self.model.items():
-                layer = self.arr.lun(name).backend
+                layer = self.arr.lun(name)._backend
                 assert isinstance(layer, PowerLossBackend)
                 dropped = layer.power_loss()
                 # Recorded clean means flushed: nothing may be lost from a clean LUN.

@@ -367,8 +367,8 @@ def test_power_loss_drops_exactly_the_unflushed_writes() -> None:
 def test_power_loss_after_a_checkpoint_keeps_the_token(arrays: Arrays) -> None:
     arr = arrays.open()
     arr.create_lun("a", MiB)
-    layer = PowerLossBackend(arr.lun("a").backend)
-    arr.lun("a").backend = layer
+    layer = PowerLossBackend(arr.lun("a")._backend)
+    arr.lun("a")._backend = layer
     arr.tracker("a").acquire("backup")
     arr.lun("a").write(0, b"x")
     arr.checkpoint(0)  # flushes: nothing left to lose
@@ -380,8 +380,8 @@ def test_power_loss_after_a_checkpoint_keeps_the_token(arrays: Arrays) -> None:
     assert arr.tracker("a").token() == token
     arr.lun("a").write(0, b"y")
     later = arr.tracker("a").token()
-    layer = PowerLossBackend(arr.lun("a").backend)
-    arr.lun("a").backend = layer
+    layer = PowerLossBackend(arr.lun("a")._backend)
+    arr.lun("a")._backend = layer
     assert layer.power_loss() == 0  # installed after the write: nothing tracked
     arr.lun("a").write(512, b"z")
     lost = arr.tracker("a").token()

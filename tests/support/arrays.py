@@ -13,7 +13,7 @@ def abandon(array: Array) -> None:
     """Leave ``array`` as ``kill -9`` would: close its descriptors and the database
     connection without flushing, checkpointing or recording a clean shutdown."""
     for lun in array.luns():
-        lun.backend.close()
+        lun._backend.close()
     array.catalog.close()
     os.close(array._lock_fd)
 
@@ -50,7 +50,7 @@ class Arrays:
         if self.current is None:
             return
         for lun in self.current.luns():  # a test may leave a fault injected
-            for layer in (lun.backend, getattr(lun.backend, "inner", None)):
+            for layer in (lun._backend, getattr(lun._backend, "inner", None)):
                 if isinstance(layer, FaultyBackend):
                     layer.fail_writes = False
         self.current.close()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Response
 
 from lunseal.engine.array import Array
-from lunseal.engine.lun import Lun
+from lunseal.engine.lun import Lun, run_on_lun
 from lunseal.engine.mirror import SOURCE, TARGET, Mirror
-from lunseal.engine.mirrors import run_on_lun
 from lunseal.errors import Conflict, LunsealError, NotFound
 from lunseal.schema.mirrors import (
     MirrorCreate,
@@ -49,6 +50,17 @@ def refuse_if_connected(lun: Lun, what: str) -> None:
         )
 
 
+def then_info(m: Mirror, op: Callable[[], None]) -> Callable[[], MirrorInfo]:
+    """``op``, then the mirror's report, as one job for the source's worker (so
+    no copy step runs in between)."""
+
+    def run() -> MirrorInfo:
+        op()
+        return mirror_info(m)
+
+    return run
+
+
 def install_mirror_routes(app: FastAPI, array: Array) -> None:
     mirrors = array.mirrors
 
@@ -67,12 +79,18 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
             target = array.create_lun(body.target, source.size)
             created = True
         try:
-            mirror = mirrors.create(source, target, body.name, require_empty=not body.force)
+            # On the source's worker: the fan-out layer goes in between two host writes.
+            # The report is made on the worker too, before any copy step runs there.
+            return await run_on_lun(
+                source,
+                lambda: mirror_info(
+                    mirrors.create(source, target, body.name, require_empty=not body.force)
+                ),
+            )
         except LunsealError:
             if created:  # a refused mirror leaves no LUN behind that the caller did not ask for
                 array.delete_lun(target.name, force=True)
             raise
-        return mirror_info(mirror)
 
     @app.get("/v1/mirrors", response_model=list[MirrorInfo], tags=["mirrors"])
     async def list_mirrors() -> list[MirrorInfo]:
@@ -87,15 +105,13 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         """Stop mirroring; from now on the regions written on either side are recorded."""
         m = mirrors.get(name)
         access = (body or MirrorSplit()).target_access
-        await run_on_lun(m.source, lambda: m.split(access))  # flushes both sides
-        return mirror_info(m)
+        return await run_on_lun(m.source, then_info(m, lambda: m.split(access)))
 
     @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])
     async def resync(name: str) -> MirrorInfo:
         """Copy the regions written on either side since the split, source -> target."""
         m = mirrors.get(name)
-        await run_on_lun(m.source, m.resync)
-        return mirror_info(m)
+        return await run_on_lun(m.source, then_info(m, m.resync))
 
     @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
     async def restore(name: str, body: MirrorRestore | None = None) -> MirrorInfo:
@@ -103,8 +119,7 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
         m = mirrors.get(name)
         if not (body or MirrorRestore()).force:
             refuse_if_connected(m.source, f"restoring mirror {m.name}")
-        await run_on_lun(m.source, m.restore)
-        return mirror_info(m)
+        return await run_on_lun(m.source, then_info(m, m.restore))
 
     @app.get("/v1/mirrors/{name}/regions", response_model=MirrorRegions, tags=["mirrors"])
     async def regions(name: str) -> MirrorRegions:
@@ -121,5 +136,6 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
     @app.delete("/v1/mirrors/{name}", status_code=204, tags=["mirrors"])
     async def delete_mirror(name: str) -> Response:
         """Delete the mirror; both LUNs stay."""
-        mirrors.delete(name)
+        source = mirrors.get(name).source
+        await run_on_lun(source, lambda: mirrors.delete(name))
         return Response(status_code=204)

@@ -1,10 +1,16 @@
 """The LUN registry of one array: its data directory, catalog and open LUNs.
 
-Concurrency: all methods run on the daemon's event loop thread (the API's
-handlers are ``async`` and the NBD server calls in from the same loop), so the
-registry needs no locks.  The data directory is locked with ``flock`` so two
-daemons can never serve the same LUNs, and every backing file is locked while
-a LUN uses it (see :mod:`lunseal.engine.backing`).
+Concurrency: the registry's methods run on the daemon's event loop thread (the
+API's handlers are ``async`` and the NBD server calls in from the same loop), so
+the registry itself needs no locks.  Each available LUN has its own
+:class:`~lunseal.engine.worker.LunWorker` (``lun.worker``): host I/O, the state
+tracker and flushes of that LUN run there, in order.  What the registry does to
+a LUN's data or state (grow, flush, checkpoint) it runs on that worker too
+(:meth:`Lun.run`); a LUN's worker is stopped, after draining, before its
+backing file is closed, so no queued request ever sees a closed descriptor.
+
+The data directory is locked with ``flock`` so two daemons can never serve the
+same LUNs, and every backing file is locked while a LUN uses it (see :mod:`lunseal.engine.backing`).
 
 A LUN whose backing file cannot be used at start-up (missing, refused, locked
 elsewhere) is *unavailable*: it stays listed with the reason, refuses data and
@@ -15,6 +21,7 @@ LUNs serve as usual.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -36,6 +43,7 @@ from lunseal.engine.lun import (
 )
 from lunseal.engine.mirrors import MirrorSet
 from lunseal.engine.state import LunState, StateTracker
+from lunseal.engine.worker import LunWorker
 from lunseal.errors import (
     BackendError,
     Conflict,
@@ -116,6 +124,7 @@ class Array:
             self._luns[rec.name] = lun
             self._identities[rec.uuid] = backend.identity
             self._attach_tracker(lun)
+            _start_worker(lun)
 
     def _attach_tracker(self, lun: Lun, *, recover: bool = True) -> StateTracker:
         """Hook state tracking into the LUN's change gate; recover its state.
@@ -190,7 +199,7 @@ class Array:
 
     def _release_backing(self, lun: Lun) -> None:
         """Close the LUN's backing file (dropping its lock) and forget it."""
-        lun.backend.close()
+        lun.close_backend()
         identity = self._identities.pop(lun.record.uuid, None)
         if identity is not None:
             backing.unregister(identity, self._holder(lun.name))
@@ -225,7 +234,7 @@ class Array:
             trackers = [t for t in trackers if t.lun is lun]
         for tracker in trackers:
             try:
-                tracker.checkpoint(idle)
+                tracker.lun.run(functools.partial(tracker.checkpoint, idle))
             except LunsealError as exc:
                 log.debug("LUN %s: checkpoint failed: %s", tracker.lun.name, exc.message)
                 first = first or exc
@@ -235,6 +244,10 @@ class Array:
 
     def close(self) -> None:
         """Flush every LUN, record a clean shutdown and release the data directory."""
+        # Workers finish what hosts queued first; after that this thread is the
+        # only one touching LUNs, trackers and the catalog.
+        for lun in self._luns.values():
+            _stop_worker(lun)
         for lun in self._luns.values():
             if not lun.available:
                 continue
@@ -313,6 +326,7 @@ class Array:
         self._luns[name] = lun
         self._identities[lun_uuid] = backend.identity
         self._attach_tracker(lun)
+        _start_worker(lun)
         log.info("created LUN %s (number %d, %d bytes, %s)", name, number, rec.size, rec.path)
         return lun
 
@@ -365,7 +379,7 @@ class Array:
                 f"LUN {name} belongs to mirror {mirrors[0].name}; delete the mirror to resize"
             )
         old = lun.size
-        lun.grow(size)
+        lun.run(lambda: lun.grow(size))
         self.catalog.update_lun(lun.record)
         log.info("grew LUN %s from %d to %d bytes", name, old, size)
         return lun
@@ -392,6 +406,9 @@ class Array:
         for m in mirrors:
             self.mirrors.delete(m.name)
         lun.revoke_users(f"LUN {name} was deleted")
+        # Requests already queued finish (their replies are dropped) before the
+        # file closes: a worker never reads from a closed or reused descriptor.
+        _stop_worker(lun)
         self.catalog.delete_lun(lun.record.uuid)  # its state and holds go with it
         self._trackers.pop(lun.record.uuid, None)
         del self._luns[name]
@@ -438,9 +455,10 @@ class Array:
     def _swap_backing(self, lun: Lun, backend: FileBackend) -> None:
         old_path = lun.record.path
         if lun.available:
-            lun.flush()  # what was written to the old file stays there, durably
+            lun.run(lun.flush)  # what was written to the old file stays there, durably
+        _stop_worker(lun)
         self._release_backing(lun)
-        lun.backend = backend
+        lun.swap_backend(backend)
         lun.unavailable = ""
         self._identities[lun.record.uuid] = backend.identity
         tracker = self._trackers.get(lun.record.uuid) or self._attach_tracker(lun, recover=False)
@@ -449,6 +467,19 @@ class Array:
         tracker.repointed(f"the LUN was re-pointed from {old_path} to {backend.path}")
         lun.record = lun.record.with_changes(path=str(backend.path), owned=False)
         self.catalog.update_lun_backing(lun.record)
+        _start_worker(lun)
+
+
+def _start_worker(lun: Lun) -> None:
+    if lun.worker is None:
+        lun.worker = LunWorker(lun.name)
+
+
+def _stop_worker(lun: Lun) -> None:
+    """Drain and end the LUN's worker; its callers run inline from here on."""
+    worker, lun.worker = lun.worker, None
+    if worker is not None:
+        worker.stop()
 
 
 def _lock_data_dir(data_dir: Path) -> int:

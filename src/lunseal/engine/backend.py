@@ -100,6 +100,11 @@ class Backend(ABC):
         """Like :meth:`read`, but a file-based backend may return a zero-copy slice."""
         return self.read(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """The data if it can be had without waiting for a disk (from the page
+        cache), else ``None``: the caller then reads it where waiting is fine."""
+        return None
+
     def stamp(self) -> FileStamp | None:
         """The backing file's stamp, or ``None`` where there is no file to tamper with."""
         return None

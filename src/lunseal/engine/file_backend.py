@@ -119,6 +119,16 @@ class FileBackend(Backend):
     def read_slice(self, offset: int, length: int) -> FileSlice:
         return FileSlice(self._fd, offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        # RWF_NOWAIT: the kernel copies from the page cache or says EAGAIN; it
+        # never waits for the disk, so an event loop may call this.
+        buf = bytearray(length)
+        try:
+            done = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:  # EAGAIN (not cached), EOPNOTSUPP, ...: read it the slow way
+            return None
+        return buf if done == length else None
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         try:

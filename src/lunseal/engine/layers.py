@@ -29,6 +29,9 @@ class Layer(Backend):
     def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
         return self.inner.read_slice(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        return self.inner.read_cached(offset, length)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.inner.write(offset, data)
 

@@ -4,16 +4,25 @@ Every data-changing operation (write, trim, zero, grow) passes through
 :meth:`Lun._accept_change` *before* the backend is touched.  Change listeners
 (the state tracker, change maps, mirror fan-out) hook in there, so nothing can
 modify a LUN's data without them seeing it first.
+
+The gate is enforced, not a convention: the backend is private (``_backend``);
+everyone else gets :attr:`Lun.backend`, a :class:`BackendView` that can read,
+send zero-copy, report extents and stamps and flush, but has no way to write.
+Layers (the mirror fan-out, test fault layers) are pushed and popped through
+the LUN (:meth:`Lun.push_layer`), so they sit *behind* the gate too.
+``tests/engine/test_gate.py`` fails if code outside the engine's LUN, layer and
+backend modules reaches a backend object.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from lunseal.engine.backend import Backend, Extent, FileSlice
+from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp
 from lunseal.engine.worker import LunWorker
 from lunseal.errors import InvalidArgument, LunUnavailable, NoSpace, OutOfRange, ReadOnly
 
@@ -23,10 +32,58 @@ SECTOR = 512
 MAX_LUN_SIZE = 1 << 50  # 1 PiB: far beyond anything here, small enough to catch typos
 MAX_LUN_NUMBER = 16383  # the SAM flat-space addressing limit, for a later iSCSI target
 
+T = TypeVar("T")
+
 #: Called as ``listener(lun, offset, length)`` when a change is accepted.
 ChangeListener = Callable[["Lun", int, int], None]
 #: Called as ``hook(lun)`` once the backend has made a change (or failed to).
 ChangeDone = Callable[["Lun"], None]
+
+
+L = TypeVar("L", bound=Backend)
+
+
+class BackendView:
+    """The read side of a LUN's backend: what front ends and mirror copies may
+    use without passing the change gate (none of it changes data)."""
+
+    __slots__ = ("_lun",)
+
+    def __init__(self, lun: Lun) -> None:
+        self._lun = lun
+
+    @property
+    def size(self) -> int:
+        return self._lun._backend.size
+
+    @property
+    def kind(self) -> str:
+        return self._lun._backend.kind
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._lun._backend.read(offset, length)
+
+    def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
+        return self._lun._backend.read_slice(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self._lun._backend.extents(offset, length)
+
+    def stamp(self) -> FileStamp | None:
+        return self._lun._backend.stamp()
+
+    def cache(self, offset: int, length: int) -> None:
+        self._lun._backend.cache(offset, length)
+
+    def flush(self) -> None:
+        """Durability only: a flush changes no data, so it needs no gate."""
+        self._lun._backend.flush()
+
+    def flush_own(self) -> None:
+        """Flush the LUN's own data only: a mirror's fan-out layer would also flush
+        its legs, which each mirror's checkpoint flushes itself."""
+        backend = self._lun._backend
+        getattr(backend, "flush_own", backend.flush)()
 
 
 def validate_name(name: str) -> str:
@@ -90,7 +147,8 @@ class LunStats:
 @dataclass
 class Lun:
     record: LunRecord
-    backend: Backend
+    #: Private: writing to it directly would bypass the change gate (C1, C2).
+    _backend: Backend
     users: set[LunUser] = field(default_factory=set)
     listeners: list[ChangeListener] = field(default_factory=list)
     #: After each change the backend made: the state tracker notes the backing
@@ -104,8 +162,46 @@ class Lun:
     #: refused); empty while it is available.  Its backend is then an
     #: :class:`UnavailableBackend`.
     unavailable: str = ""
-    #: The LUN's ordered worker thread (set by the array; None runs jobs inline).
+    #: The thread that runs this LUN's data operations, state changes and
+    #: flushes in order (set by the :class:`~lunseal.engine.array.Array` while
+    #: the LUN is available; ``None`` runs them on the caller's thread).
     worker: LunWorker | None = None
+
+    @property
+    def backend(self) -> BackendView:
+        """The backend, read-only (see :class:`BackendView`)."""
+        return BackendView(self)
+
+    # -- layers (behind the gate) ---------------------------------------------------
+
+    def push_layer(self, make: Callable[[Backend], L]) -> L:
+        """Wrap the backend in a layer made from it; writes pass the gate, then it."""
+        layer = make(self._backend)
+        self._backend = layer
+        return layer
+
+    def top_layer(self, kind: type[L]) -> L | None:
+        """The outermost layer if it is a ``kind``."""
+        return self._backend if isinstance(self._backend, kind) else None
+
+    def pop_layer(self, layer: Backend) -> None:
+        """Remove the outermost layer, which must be ``layer``."""
+        inner = getattr(layer, "inner", None)
+        if self._backend is not layer or not isinstance(inner, Backend):
+            raise InvalidArgument(f"{type(layer).__name__} is not LUN {self.name}'s top layer")
+        self._backend = inner
+
+    def swap_backend(self, backend: Backend) -> Backend:
+        """Serve from another backend (the array's re-point); returns the old one."""
+        old, self._backend = self._backend, backend
+        return old
+
+    def close_backend(self) -> None:
+        self._backend.close()
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the LUN's worker and wait for it (inline without one)."""
+        return fn() if self.worker is None else self.worker.call(fn)
 
     @property
     def name(self) -> str:
@@ -167,14 +263,26 @@ class Lun:
         self.check_read_range(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        return self.backend.read(offset, length)
+        return self._backend.read(offset, length)
 
     def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
         """A read whose data the caller may send zero-copy (see :class:`FileSlice`)."""
         self.check_read_range(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        return self.backend.read_slice(offset, length)
+        return self._backend.read_slice(offset, length)
+
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """A read that never waits for a disk: the data, or ``None`` (read it on
+        the worker).  Front ends may call it on their event loop."""
+        if self.unavailable:
+            return None
+        self.check_read_range(offset, length)
+        data = self._backend.read_cached(offset, length)
+        if data is not None:
+            self.stats.reads += 1
+            self.stats.bytes_read += length
+        return data
 
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
@@ -185,22 +293,22 @@ class Lun:
         self.stats.writes += 1
         self.stats.bytes_written += length
         try:
-            self.backend.write(offset, data)
+            self._backend.write(offset, data)
         finally:
             self._done()  # also after a failure: the file may have changed partly
         if fua:
-            self.backend.flush()
+            self._backend.flush()
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_write(offset, length)
         self._accept_change(offset, length)
         self.stats.trims += 1
         try:
-            self.backend.trim(offset, length)
+            self._backend.trim(offset, length)
         finally:
             self._done()
         if fua:
-            self.backend.flush()
+            self._backend.flush()
 
     def zero(
         self,
@@ -217,11 +325,11 @@ class Lun:
         self._accept_change(offset, length)
         self.stats.zeroes += 1
         try:
-            self.backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
+            self._backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
         finally:
             self._done()
         if fua:
-            self.backend.flush()
+            self._backend.flush()
 
     # -- writes the array itself makes (mirror copies, restores) ---------------------
     # They skip the host checks (read-only flag, guards) but not the change gate:
@@ -231,7 +339,7 @@ class Lun:
         self._check_range(offset, len(data))
         self._accept_change(offset, len(data))
         try:
-            self.backend.write(offset, data)
+            self._backend.write(offset, data)
         finally:
             self._done()
 
@@ -239,21 +347,21 @@ class Lun:
         self._check_range(offset, length)
         self._accept_change(offset, length)
         try:
-            self.backend.zero(offset, length, may_trim=True, fast_only=False)
+            self._backend.zero(offset, length, may_trim=True, fast_only=False)
         finally:
             self._done()
 
     def flush(self) -> None:
         self.stats.flushes += 1
-        self.backend.flush()
+        self._backend.flush()
 
     def cache(self, offset: int, length: int) -> None:
         self.check_read_range(offset, length)
-        self.backend.cache(offset, length)
+        self._backend.cache(offset, length)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         self.check_read_range(offset, length)
-        return self.backend.extents(offset, length)
+        return self._backend.extents(offset, length)
 
     # -- management -------------------------------------------------------------
 
@@ -268,7 +376,7 @@ class Lun:
         old = self.record.size
         self._accept_change(old, new_size - old)
         try:
-            self.backend.resize(new_size)
+            self._backend.resize(new_size)
         finally:
             self._done()
         self.record = self.record.with_changes(size=new_size)
@@ -326,3 +434,12 @@ class UnavailableBackend(Backend):
 
     def close(self) -> None:
         pass
+
+
+async def run_on_lun(lun: Lun, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the LUN's worker, in order with its I/O, without blocking the
+    event loop (front ends and the daemon's loops use this).  A LUN without a
+    worker runs it inline."""
+    if lun.worker is None:
+        return fn()
+    return await asyncio.wrap_future(lun.worker.submit(fn))

@@ -427,8 +427,7 @@ class Mirror:
         self._last_checkpoint = time.monotonic()
         # The source's own data only: flushing its MirroredBackend would flush
         # every target of the source too, and this leg a second time.
-        backend = self.source.backend
-        getattr(backend, "flush_own", backend.flush)()
+        self.source.backend.flush_own()
         if self.state != DEGRADED:
             self.leg.flush()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import time
 import uuid as uuidlib
@@ -44,14 +44,6 @@ def _refuse_if_holds_data(target: Lun) -> None:
         )
 
 
-async def run_on_lun(lun: Lun, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the LUN's worker, in order with its host I/O, without
-    blocking the event loop.  A LUN without a worker runs it inline."""
-    if lun.worker is None:
-        return fn()
-    return await asyncio.wrap_future(lun.worker.submit(fn))
-
-
 class MirrorSet:
     def __init__(self, store: SqliteMirrorStore, lun_by_uuid: LunByUuid) -> None:
         self.store = store
@@ -78,11 +70,10 @@ class MirrorSet:
         maps: dict[str, ChangeMap],
         intents: set[tuple[str, int]],
     ) -> Mirror:
-        if not isinstance(source.backend, MirroredBackend):
-            source.backend = MirroredBackend(source.backend)
+        fan_out = source.top_layer(MirroredBackend) or source.push_layer(MirroredBackend)
         mirror = Mirror(rec, source, target, LocalLeg(target), self.store, maps, intents)
         mirror.on_copy_start = lambda: self.wake()
-        source.backend.mirrors.append(mirror)
+        fan_out.mirrors.append(mirror)
         self._mirrors[rec.name] = mirror
         return mirror
 
@@ -153,11 +144,11 @@ class MirrorSet:
     def delete(self, name: str) -> None:
         mirror = self.get(name)
         mirror.detach()
-        backend = mirror.source.backend
-        if isinstance(backend, MirroredBackend):
-            backend.mirrors.remove(mirror)
-            if not backend.mirrors:
-                mirror.source.backend = backend.inner
+        fan_out = mirror.source.top_layer(MirroredBackend)
+        if fan_out is not None:
+            fan_out.mirrors.remove(mirror)
+            if not fan_out.mirrors:
+                mirror.source.pop_layer(fan_out)
         self.store.delete_mirror(mirror.record.id)
         del self._mirrors[mirror.name]
         log.info(
@@ -183,15 +174,16 @@ class MirrorSet:
         return [m for m in self.all() if m.state in COPYING]
 
     def copy_step(self, budget: int = COPY_CHUNK) -> int:
-        """One step of every running copy, inline (tests; the daemon runs each
-        mirror's step on its source's worker)."""
-        return sum(m.copy_step(budget) for m in self.copying())
+        """One step of every running copy, each on its source's worker (in order
+        with the host writes that fan out to the same regions); the daemon's
+        loop submits ``Mirror.copy_step`` itself so it never waits."""
+        return sum(m.source.run(functools.partial(m.copy_step, budget)) for m in self.copying())
 
     def checkpoint(self, idle: float, source: Lun | None = None) -> None:
         """Checkpoint the mirrors that are due (only those of ``source`` if given)."""
         for m in list(self._mirrors.values()):
             if source is None or m.source is source:
-                m.checkpoint_if_due(idle)
+                m.source.run(functools.partial(m.checkpoint_if_due, idle))
 
     def close(self) -> None:
         for m in self._mirrors.values():

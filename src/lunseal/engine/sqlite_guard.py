@@ -14,7 +14,7 @@ import functools
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 from lunseal.errors import CatalogError
 
@@ -27,12 +27,40 @@ def catalog_error(exc: sqlite3.Error) -> CatalogError:
 
 
 class LockedConnection(sqlite3.Connection):
-    """A connection that carries the lock its users share (``sqlite3.connect(...,
-    factory=LockedConnection)``)."""
+    """A connection several threads may use (``sqlite3.connect(...,
+    factory=LockedConnection)``): each statement, each ``with`` block and each
+    guarded call or transaction runs under one re-entrant lock, so one LUN
+    worker's commit never lands inside another thread's transaction."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lock = threading.RLock()
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        with self.lock:
+            return super().execute(*args, **kwargs)
+
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        with self.lock:
+            return super().executemany(*args, **kwargs)
+
+    def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        with self.lock:
+            return super().executescript(*args, **kwargs)
+
+    def __enter__(self) -> Self:
+        self.lock.acquire()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> Literal[False]:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.lock.release()
 
 
 #: For connections opened without the factory (tests' bare stores): one lock for all.

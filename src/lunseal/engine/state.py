@@ -30,14 +30,16 @@ UUID, as an opaque string.  The rules that make the contract hold:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from lunseal.engine.backend import FileStamp
 from lunseal.engine.changemap import ChangeMap
@@ -204,6 +206,28 @@ class StampWatch:
         self._expected = self.stamp()
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(
+    method: Callable[Concatenate[StateTracker, P], R],
+) -> Callable[Concatenate[StateTracker, P], R]:
+    """Run a tracker method under the tracker's lock.
+
+    A tracker is driven from its LUN's worker (writes, API calls), but a mirror
+    source's worker also writes *into* the target LUN (fan-out), so the target's
+    tracker can be reached from two threads; the lock keeps each call whole.
+    Uncontended it costs well under a microsecond per write."""
+
+    def wrapper(self: StateTracker, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    functools.update_wrapper(wrapper, method)
+    return wrapper
+
+
 class StateTracker:
     """State of one LUN; registered as the LUN's first change listener.
 
@@ -228,10 +252,11 @@ class StateTracker:
         self._clock = clock
         self._monotonic = monotonic
         self._last_change = 0.0
+        self._lock = threading.RLock()
         self.watch: StampWatch | None = None
         if lun.backend.stamp() is not None:
             self.watch = StampWatch(lun)
-            lun.change_done.append(self.watch.own_change_done)
+            lun.change_done.append(self._own_change_done)
         lun.listeners.insert(0, self.on_change)
 
     @property
@@ -249,6 +274,12 @@ class StateTracker:
 
     # -- the write path -----------------------------------------------------------
 
+    @_locked
+    def _own_change_done(self, lun: Lun) -> None:
+        if self.watch is not None:
+            self.watch.own_change_done(lun)
+
+    @_locked
     def on_change(self, lun: Lun, offset: int, length: int) -> None:
         if self.watch is not None:
             self.watch.look()
@@ -286,6 +317,7 @@ class StateTracker:
 
     # -- another process writing the backing file ------------------------------------
 
+    @_locked
     def verify(self) -> None:
         """New epoch if the backing file changed other than through this array.
 
@@ -317,6 +349,7 @@ class StateTracker:
 
     # -- tokens ---------------------------------------------------------------------
 
+    @_locked
     def token(self) -> str:
         if not self.holds:
             raise Conflict(
@@ -331,6 +364,7 @@ class StateTracker:
         s = self.state
         return format_token(self.lun.record.uuid, s.epoch, s.mode, s.value)
 
+    @_locked
     def check(self, token: str) -> CheckResult:
         parsed = parse_token(token)
         if parsed is None:
@@ -383,6 +417,7 @@ class StateTracker:
 
     # -- holds ----------------------------------------------------------------------
 
+    @_locked
     def acquire(
         self,
         name: str = DEFAULT_HOLD,
@@ -421,6 +456,7 @@ class StateTracker:
         log.info("LUN %s: hold %r acquired (%s mode)", self.lun.name, name, self.state.mode)
         return hold, hold.token
 
+    @_locked
     def release(self, name: str = DEFAULT_HOLD) -> None:
         if name not in self.holds:
             raise NotFound(f"LUN {self.lun.name} has no hold named {name!r}")
@@ -431,6 +467,7 @@ class StateTracker:
         del self.holds[name]
         log.info("LUN %s: hold %r released", self.lun.name, name)
 
+    @_locked
     def hold(self, name: str) -> Hold:
         try:
             return self.holds[name]
@@ -439,6 +476,7 @@ class StateTracker:
 
     # -- durability -------------------------------------------------------------------
 
+    @_locked
     def recover(self) -> None:
         """At start-up: a new epoch if changes may have gone unrecorded (C1, C5)."""
         stamp = self.lun.backend.stamp()
@@ -459,6 +497,7 @@ class StateTracker:
         self._mark_all_changed()
         self._record_clean(stamp, state)
 
+    @_locked
     def checkpoint(self, idle: float) -> bool:
         """Record the exact state once changes have been idle for ``idle`` seconds."""
         self.verify()
@@ -468,6 +507,7 @@ class StateTracker:
         self._record_clean(self.lun.backend.stamp(), self.state)
         return True
 
+    @_locked
     def close(self) -> None:
         """Clean shutdown: the caller has flushed the backend."""
         self.verify()
@@ -480,6 +520,7 @@ class StateTracker:
         self.store.save_change_maps(self.lun.record.uuid, self.holds.values())
         self._commit(replace(state, stamp=stamp, clean=True))
 
+    @_locked
     def repointed(self, reason: str) -> None:
         """The LUN now reads another backing file: no earlier token may match (C1).
 

@@ -11,16 +11,21 @@ workloads pay the thread hop once per batch, not once per request.  The blocking
 calls a worker makes (pread, pwrite, fdatasync, fallocate, SQLite commits)
 release the GIL, so workers of different LUNs overlap.
 
-Results come back as :class:`concurrent.futures.Future` objects; front ends on
-an event loop wrap them with :func:`asyncio.wrap_future` or deliver a batch's
-replies with one ``call_soon_threadsafe``.
+Results come back as :class:`concurrent.futures.Future` objects (front ends on
+an event loop wrap them with :func:`asyncio.wrap_future`), or not at all with
+:meth:`LunWorker.post`: the NBD data path posts one job per receive that hands
+its replies back with one ``call_soon_threadsafe`` itself, and skips the cost
+of a Future (a lock and a condition each) per request.
+
+The queue is a :class:`queue.SimpleQueue` (implemented in C): a hand-off costs
+one put and, when the worker is idle, one wake-up.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -31,7 +36,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[], Any], "Future[Any]"]
+#: A job, and the future for its result (None: posted, nobody waits).
+_Job = tuple[Callable[[], Any], "Future[Any] | None"]
+_STOP: _Job = (lambda: None, None)
 
 
 class WorkerStopped(Conflict):
@@ -43,32 +50,40 @@ class LunWorker:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._jobs: deque[_Job] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        #: Held while queueing, so nothing lands behind the stop marker.
+        self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"lun-{name}", daemon=True)
         self._thread.start()
 
     # -- submitting -------------------------------------------------------------
 
+    def _put(self, job: _Job) -> None:
+        with self._lock:
+            if self._stopping:
+                raise WorkerStopped(f"LUN {self.name} is shutting down")
+            self._jobs.put(job)
+
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
-        with self._cond:
-            if self._stopping:
-                raise WorkerStopped(f"LUN {self.name} is shutting down")
-            self._jobs.append((fn, future))
-            self._cond.notify()
+        self._put((fn, future))
         return future
 
+    def post(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn`` without a future: it must deal with its own errors
+        (one that escapes is logged and the worker carries on)."""
+        self._put((fn, None))
+
     def submit_batch(self, fns: Iterable[Callable[[], Any]]) -> list[Future[Any]]:
-        """Queue several jobs with one wake-up; they run in the given order."""
+        """Queue several jobs at once; they run in the given order, back to back."""
         jobs: list[_Job] = [(fn, Future()) for fn in fns]
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 raise WorkerStopped(f"LUN {self.name} is shutting down")
-            self._jobs.extend(jobs)
-            self._cond.notify()
-        return [future for _, future in jobs]
+            for job in jobs:
+                self._jobs.put(job)
+        return [future for _, future in jobs if future is not None]
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the worker and wait for it (from any thread but the worker's)."""
@@ -84,27 +99,30 @@ class LunWorker:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._jobs and not self._stopping:
-                    self._cond.wait()
-                if not self._jobs:
-                    return  # stopping and drained
-                batch = list(self._jobs)
-                self._jobs.clear()
-            for fn, future in batch:
-                if not future.set_running_or_notify_cancel():
-                    continue
+            job = self._jobs.get()
+            if job is _STOP:
+                return  # everything queued before it has run
+            fn, future = job
+            if future is None:
                 try:
-                    result = fn()
-                except BaseException as exc:  # handed to whoever waits for it
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+                    fn()
+                except BaseException:
+                    log.exception("LUN %s: a posted job failed", self.name)
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to whoever waits for it
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what was queued, then end the thread (idempotent)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._jobs.put(_STOP)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)

@@ -1,14 +1,27 @@
 """The asyncio shell around the NBD codec: sockets, backpressure, shutdown.
 
 Each connection is an ``asyncio.BufferedProtocol``: the kernel copies request
-bytes straight into the codec's buffer and WRITE payloads go from there to
-``pwrite`` without another copy.  Requests are served inline on the event
-loop (see :mod:`lunseal.engine.file_backend`), and all replies produced by one
-receive are sent with a single ``writelines``.
+bytes straight into the codec's buffer.  The event loop only parses, checks
+flags, dispatches and sends: the requests of one receive go to the LUN's
+worker thread (:class:`lunseal.engine.worker.LunWorker`) as ONE job, which
+runs them in order and hands the replies back with ONE
+``call_soon_threadsafe``.  So a slow flush or disk on one LUN never holds up
+the loop, and with it every other LUN's hosts.
 
-Backpressure: past ``WRITE_HIGH_WATER`` bytes of unsent replies the
-transport asks us to pause and we stop reading; complete requests already
-buffered wait until the client drains its replies.
+WRITE payloads are copied out of the receive buffer before the hand-off (one
+memcpy, far cheaper than the pwrite it feeds): the codec reuses and compacts
+that buffer as soon as the loop asks it for room again, while the worker may
+not have run yet.
+
+Ordering: a connection's batches queue on its LUN's single worker in the order
+they were parsed, and come back through the loop's FIFO in that order.  Every
+write of a LUN, from any connection, runs on that same worker, so a FLUSH runs
+after every write whose reply was sent before it was received: it covers them
+(MULTI_CONN).
+
+Backpressure: requests in flight count as reply bytes (a read's length, a
+write's payload) together with the replies not yet sent; past
+``REPLY_QUEUE_CAP`` we stop reading until the worker and the client catch up.
 """
 
 from __future__ import annotations
@@ -29,11 +42,12 @@ from typing import cast
 from lunseal.engine.array import Array
 from lunseal.engine.backend import FileSlice
 from lunseal.engine.lun import Lun
+from lunseal.engine.worker import WorkerStopped
 from lunseal.errors import ProtocolError
 from lunseal.nbd import constants as c
 from lunseal.nbd.codec import ClientFlags, OptionRequest, Request, ServerCodec
 from lunseal.nbd.negotiation import Negotiator
-from lunseal.nbd.transmission import Buffers, Transmission
+from lunseal.nbd.transmission import ZERO_COPY_MIN, Buffers, Transmission
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +71,8 @@ ACCEPT_BATCH = 32
 FD_WATCH_INTERVAL = 1.0
 #: Pause before accepting again after running out of descriptors.
 ACCEPT_RETRY_DELAY = 0.5
-#: Read replies at least this long are sent with sendfile instead of pread+write.
-ZERO_COPY_MIN = 64 << 10
+#: Requests handed to the worker in one job at most (a receive may hold more).
+MAX_BATCH = 128
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -82,7 +96,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._sock_fd = -1
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+        #: Batches handed to the LUN's worker whose replies have not come back.
+        self._inflight = 0
+        #: Bytes those requests stand for (read lengths, write payloads).
+        self._inflight_bytes = 0
+        #: Set on revocation: replies still coming back are dropped, not sent.
+        self._revoked = False
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -142,24 +163,26 @@ class NbdConnection(asyncio.BufferedProtocol):
         return buffered + self._pending_bytes
 
     def _backlogged(self) -> bool:
-        return self._write_paused or self.queued_bytes > REPLY_QUEUE_CAP
+        return self._write_paused or self.queued_bytes + self._inflight_bytes > REPLY_QUEUE_CAP
 
     def _process(self) -> None:
         out = self._out
+        batch: list[Request] = []
         try:
             while not self._closing and not self._backlogged():
                 event = self.codec.next_event()
                 if event is None:
                     break
                 if isinstance(event, Request):
-                    self._request(event, out)
-                    big = event.length >= ZERO_COPY_MIN
+                    self._request(event, batch)
+                    if len(batch) >= MAX_BATCH:
+                        self._dispatch(batch)
+                        batch = []
+                    if len(out) > 64:
+                        self._send(out)  # replies read from the cache: keep them bounded
                 else:
                     self._negotiate(event, out)
-                    big = False
-                # Hand replies over early so what is queued stays bounded.
-                if big or len(out) > 64:
-                    self._send(out)
+            self._dispatch(batch)
             self._send(out)
         except ProtocolError as exc:
             log.warning("NBD client %s: %s; closing the connection", self.peer, exc.message)
@@ -215,7 +238,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 pending[0] = FileSlice(piece.fd, piece.offset + done, piece.length - done)
         if batch:
             transport.writelines(batch)
-        if self._closing and not pending and not transport.is_closing():
+        if self._closing and not pending and not self._inflight and not transport.is_closing():
             transport.close()
 
     def _pump_safely(self) -> bool:
@@ -264,12 +287,74 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def _request(self, req: Request, out: Buffers) -> None:
+    def _request(self, req: Request, batch: list[Request]) -> None:
         if req.type == c.CMD_DISC:
+            # Requests before it still run and get their replies: close() waits
+            # for batches in flight before it closes the transport.
+            self._dispatch(batch)
+            batch.clear()
             self.close()
             return
         assert self.transmission is not None
-        self.transmission.handle(req, out)
+        if not self.transmission.check(req, self._out):
+            # An error reply queued now may overtake replies of earlier requests
+            # still in flight; NBD replies are matched by cookie, not order.
+            return
+        if not batch and not self._inflight and self.transmission.read_cached(req, self._out):
+            # Served from the page cache without waiting for a disk: no thread
+            # hop.  Only with nothing of this connection queued before it, so a
+            # read never overtakes this connection's own earlier writes.
+            return
+        if req.payload is not None:
+            # The worker owns what it is handed: the codec reuses its buffer.
+            req.payload = memoryview(bytes(req.payload))
+        self._inflight_bytes += req.length
+        batch.append(req)
+
+    def _dispatch(self, batch: list[Request]) -> None:
+        """Hand ``batch`` to the LUN's worker as one job (inline if it has none)."""
+        if not batch:
+            return
+        assert self.transmission is not None
+        assert self.lun is not None
+        transmission, cost = self.transmission, sum(req.length for req in batch)
+        reqs = list(batch)
+        worker = self.lun.worker
+        self._inflight += 1
+        if worker is None:
+            self._deliver(_execute(transmission, reqs), cost)
+            return
+        loop, deliver = self._loop, self._deliver
+
+        def job() -> None:
+            replies = _execute(transmission, reqs)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
+                loop.call_soon_threadsafe(deliver, replies, cost)
+
+        try:
+            worker.post(job)
+        except WorkerStopped as exc:
+            # The LUN is being deleted or closed: its revocation closes us too.
+            log.debug("NBD client %s: %s", self.peer, exc.message)
+            self._deliver([], cost)
+
+    def _deliver(self, replies: Buffers, cost: int) -> None:
+        """Back on the loop: queue a batch's replies and read on if there is room."""
+        self._inflight -= 1
+        self._inflight_bytes -= cost
+        if self._revoked or self.transport is None or self.transport.is_closing():
+            if self._closing and self._inflight == 0 and self.transport is not None:
+                self._pump_safely()  # closes the transport once nothing is left
+            return
+        try:
+            self._send(replies)
+        except OSError as exc:
+            self._send_failed(exc)
+            return
+        if not self._closing and not self._backlogged():
+            self._resume_reading()
+            if self.codec.pending_bytes:
+                self._process()  # complete requests may be waiting in the buffer
 
     def _negotiate(self, event: ClientFlags | OptionRequest, out: Buffers) -> None:
         if isinstance(event, ClientFlags):
@@ -330,9 +415,19 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def revoke(self, reason: str) -> None:
         log.warning("closing NBD connection from %s: %s", self.peer, reason)
-        # Pending file slices refer to the LUN's file, which is about to go away.
+        # Pending file slices refer to the LUN's file, which is about to go away;
+        # so may slices the worker is still producing.
+        self._revoked = True
         self._drop_pending()
         self.close()
+
+
+def _execute(transmission: Transmission, reqs: list[Request]) -> Buffers:
+    """Run a batch in order (on the LUN's worker); its replies, in order."""
+    out: Buffers = []
+    for req in reqs:
+        transmission.execute(req, out)
+    return out
 
 
 def _sendfile_some(sock_fd: int, piece: FileSlice) -> int:

@@ -1,7 +1,9 @@
 """Transmission phase: one request in, reply buffers out, engine calls between.
 
-Flag and range checks happen here, once, before the engine is called; the
-engine's own exceptions carry the NBD errno to reply with.  Nothing a client
+:meth:`Transmission.check` (command and flags) runs on the event loop;
+:meth:`Transmission.execute` (range checks and the engine call) runs on the
+LUN's worker thread.  The engine's own exceptions carry the NBD errno to reply
+with.  Nothing a client
 sends can raise out of :meth:`Transmission.handle`: unexpected failures become
 EIO for that request and a log line, and the connection stays usable.
 """
@@ -20,6 +22,9 @@ from lunseal.nbd.codec import Request
 
 log = logging.getLogger(__name__)
 
+#: Reads at least this long may go zero-copy (sendfile); shorter ones are read
+#: on the LUN's worker.  The server pre-reads slices shorter than this itself.
+ZERO_COPY_MIN = 64 << 10
 #: Reads at least this long are checked for holes and answered with OFFSET_HOLE.
 HOLE_SCAN_MIN = 256 << 10
 #: Largest extent length that fits the u32 field, kept 4 KiB aligned.
@@ -76,13 +81,45 @@ class Transmission:
 
     def handle(self, req: Request, out: Buffers) -> None:
         """Append the reply to ``req`` to ``out`` (DISC is the caller's business)."""
+        if self.check(req, out):
+            self.execute(req, out)
+
+    def check(self, req: Request, out: Buffers) -> bool:
+        """The cheap checks the event loop makes before handing ``req`` to the
+        LUN's worker; False (with the error reply in ``out``) if it must not run."""
+        if req.type not in self._handlers:
+            self._error(req, c.EINVAL, f"unknown command {req.type}", out)
+            return False
+        if req.flags & ~_ALLOWED_FLAGS[req.type]:
+            message = f"flags {req.flags:#x} not valid for this command"
+            self._error(req, c.EINVAL, message, out)
+            return False
+        return True
+
+    def read_cached(self, req: Request, out: Buffers) -> bool:
+        """Answer a short READ from the page cache, on the loop, if that needs
+        no disk; False leaves it to the worker (which also reports any error)."""
+        if req.type != c.CMD_READ or not 0 < req.length < ZERO_COPY_MIN:
+            return False
+        if req.flags & c.CMD_FLAG_DF and not self.structured:
+            return False
         try:
-            handler = self._handlers.get(req.type)
-            if handler is None:
-                raise RequestError(c.EINVAL, f"unknown command {req.type}")
-            if req.flags & ~_ALLOWED_FLAGS[req.type]:
-                raise RequestError(c.EINVAL, f"flags {req.flags:#x} not valid for this command")
-            handler(req, out)
+            data = self.lun.read_cached(req.offset, req.length)
+        except LunsealError:
+            return False
+        if data is None:
+            return False
+        if self.structured:
+            out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
+        else:
+            out.append(codec.simple_reply(req.cookie))
+        out.append(memoryview(data))
+        return True
+
+    def execute(self, req: Request, out: Buffers) -> None:
+        """Run a checked request against the LUN (on its worker) and append the reply."""
+        try:
+            self._handlers[req.type](req, out)
         except RequestError as exc:
             self._error(req, exc.error, exc.message, out)
         except LunsealError as exc:
@@ -110,8 +147,14 @@ class Transmission:
         elif self.structured and req.length >= HOLE_SCAN_MIN and not req.flags & c.CMD_FLAG_DF:
             self._read_sparse(req, out)  # lun.extents checks the range before anything is queued
         else:
-            # read_slice checks the range (once); the header is queued only after it passed.
-            data = self.lun.read_slice(req.offset, req.length)
+            # The read checks the range (once); the header is queued only after it
+            # passed.  A short one is read here, on the worker: a slice would be
+            # pread on the event loop (see ZERO_COPY_MIN), where a slow disk stalls all.
+            data: bytes | FileSlice
+            if req.length < ZERO_COPY_MIN:
+                data = self.lun.read(req.offset, req.length)
+            else:
+                data = self.lun.read_slice(req.offset, req.length)
             if self.structured:
                 out.append(codec.data_chunk_header(req.cookie, req.offset, req.length, done=True))
             else:
