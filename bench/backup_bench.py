@@ -25,7 +25,7 @@ data, one mirror of it; each repetition:
    Ratio archive time / mirror time (expected >= 10x).
 
 Backups and restores run in-process through the Python API
-(lunseal.backup.create / lunseal.backup.restore, the code behind ``lunseal
+(lunseal.host.backup.create / lunseal.host.backup.restore, the code behind ``lunseal
 backup create`` and ``lunseal restore``), so CLI start-up is not timed.
 Medians over the repetitions; ``--json`` also writes every sample.
 
@@ -51,12 +51,12 @@ from typing import Any, TypeVar
 
 from nbd_fio import environment, lunseal_running, parse_size, tool_version
 
-from lunseal.archive import Manifest, Repository
-from lunseal.backup.common import Log, no_progress, wait_mirror
-from lunseal.backup.create import BackupResult, create_backup
-from lunseal.backup.restore import RestorePlan, plan_restore, run_restore
-from lunseal.client import ArrayClient
-from lunseal.nbd.client import NbdClient
+from lunseal.host.archive import Manifest, Repository
+from lunseal.host.backup.common import Log, no_progress, wait_mirror
+from lunseal.host.backup.create import BackupResult, create_backup
+from lunseal.host.backup.restore import RestorePlan, plan_restore, run_restore
+from lunseal.host.client import ArrayClient
+from lunseal.host.nbd_client import NbdClient
 
 LUN = "bench"  # made by start_lunseal
 MIRROR = "bench-copy"  # mirror and target LUN name (create_backup's convention)
@@ -442,7 +442,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--size", type=parse_size, default="2G", help="LUN size (default 2G)")
     p.add_argument("--seed", type=int, default=1, help="seed of the data and offsets (default 1)")
-    p.add_argument("--verbose", action="store_true", help="print every backup/restore step")
+    p.add_argument("--verbose", action="store_true", help="print every host/backup/restore step")
     p.add_argument("--json", type=Path, default=None, help="also write results here")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temp directory")
     return p.parse_args(argv)

@@ -38,7 +38,7 @@ from nbd_fio import (
     servers,
 )
 
-from lunseal.nbd.client import NbdClient
+from lunseal.host.nbd_client import NbdClient
 
 DEPTHS = (1, 32)
 #: B's writes cycle over this much of B (so B's file stays small and allocated).

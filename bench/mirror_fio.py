@@ -20,7 +20,7 @@ One daemon, one run, two measurements:
     .venv/bin/python bench/mirror_fio.py [--duration 10] [--reps 5] [--sync-reps 5]
                                          [--size 2G] [--json out.json]
 
-The script drives the daemon through its management API (lunseal.client, the
+The script drives the daemon through its management API (lunseal.host.client, the
 same endpoints as `lunseal mirror ...`), so CLI start-up is not timed.
 """
 
@@ -51,7 +51,7 @@ from nbd_fio import (
     precondition,
 )
 
-from lunseal.client import ArrayClient
+from lunseal.host.client import ArrayClient
 from lunseal.schema.mirrors import MirrorInfo
 
 WORKLOAD = Workload("1m-seqwrite-qd8", "write", "1m", 8)

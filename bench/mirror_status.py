@@ -9,7 +9,7 @@ a split mirror would have them.  Then measures, from that directory:
    array as loaded at start-up, ``--calls`` times;
 2. api: ``GET /v1/mirrors/NAME`` (what ``lunseal mirror status NAME --json``
    asks) against a real ``lunseal serve`` on that directory, through
-   lunseal.client over loopback, ``--calls`` times (CLI start-up not timed).
+   lunseal.host.client over loopback, ``--calls`` times (CLI start-up not timed).
 
 Reports median, p99 and max in milliseconds.
 
@@ -32,11 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lunseal.api.mirror_routes import mirror_info
-from lunseal.client import ArrayClient
 from lunseal.engine.array import Array
-from lunseal.engine.changemap import ChangeMap
-from lunseal.engine.mirror import GRANULARITY, SOURCE, SPLIT, TARGET, MirrorRecord
+from lunseal.engine.mirror.mirror import GRANULARITY, SOURCE, SPLIT, TARGET, MirrorRecord
+from lunseal.engine.state.changemap import ChangeMap
+from lunseal.frontends.api.mirror_routes import mirror_info
+from lunseal.host.client import ArrayClient
 from lunseal.units import parse_size
 
 LUNSEAL = str(Path(sys.executable).with_name("lunseal"))

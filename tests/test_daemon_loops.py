@@ -11,7 +11,7 @@ import pytest
 
 from lunseal.daemon import Retry, _checkpoint_loop
 from lunseal.engine.array import Array
-from tests.engine.test_state_trust import catalog_full
+from tests.engine.state.test_state_trust import catalog_full
 
 MiB = 1 << 20
 

@@ -1,5 +1,5 @@
 """``python -m lunseal``: the same as the ``lunseal`` command."""
 
-from lunseal.cli.main import main
+from lunseal.host.cli.main import main
 
 main()

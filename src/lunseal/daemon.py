@@ -26,13 +26,17 @@ import uvicorn
 import uvloop
 
 from lunseal import __version__
-from lunseal.api.app import DaemonContext, create_app
 from lunseal.engine.array import CATALOG_FILE, Array
 from lunseal.engine.lun import run_on_lun
 from lunseal.errors import AddressInUse, InvalidArgument
+from lunseal.frontends.api.app import DaemonContext, create_app
+from lunseal.frontends.nbd.server import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    NbdServer,
+)
 from lunseal.fsutil import atomic_write_json
 from lunseal.home import Home
-from lunseal.nbd.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, NbdServer
 
 log = logging.getLogger("lunseal.daemon")
 

@@ -9,7 +9,7 @@ Layout::
     HOME/nbd.sock         NBD Unix socket
     HOME/lock             flock'ed by the daemon that owns the directory
     HOME/.lunseal-data-dir  marker: no file below HOME may back another LUN
-                          (written by the array, see lunseal.engine.backing)
+                          (written by the array, see lunseal.engine.backends.identity)
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from lunseal.client import ArrayClient
+from lunseal.host.client import ArrayClient
 from tests.interop.helpers import lun_io as qemu_io
 from tests.support.daemon import Daemon
 from tests.support.tools import require_tools

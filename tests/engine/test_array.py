@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lunseal.engine.array import LUN_DIR, Array
-from lunseal.engine.backing import CATALOG_FILE
-from lunseal.engine.file_backend import FileBackend
+from lunseal.engine.backends.file import FileBackend
+from lunseal.engine.backends.identity import CATALOG_FILE
 from lunseal.errors import Conflict, DataDirLocked, InvalidArgument, LunsealError, NotFound
 
 MiB = 1 << 20

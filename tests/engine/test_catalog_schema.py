@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from lunseal.engine.array import Array
-from lunseal.engine.backing import CATALOG_FILE
+from lunseal.engine.backends.identity import CATALOG_FILE
 from lunseal.engine.catalog import SCHEMA_VERSION, Catalog
-from lunseal.engine.changemap import ChangeMap
-from lunseal.engine.mirror import GRANULARITY, SOURCE, TARGET, MirrorRecord, MirrorState
+from lunseal.engine.mirror.mirror import GRANULARITY, SOURCE, TARGET, MirrorRecord, MirrorState
 from lunseal.engine.sqlite_guard import transaction
-from lunseal.engine.state import Hold, LunState, format_token
+from lunseal.engine.state.changemap import ChangeMap
+from lunseal.engine.state.tracker import Hold, LunState, format_token
 from lunseal.errors import CatalogError
 from tests.support.arrays import Arrays
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lunseal.engine.array import Array
-from lunseal.engine.mirror import MirrorState, TargetAccess
-from lunseal.engine.state import TrackingMode, validate_mode
+from lunseal.engine.mirror.mirror import MirrorState, TargetAccess
+from lunseal.engine.state.tracker import TrackingMode, validate_mode
 from lunseal.errors import InvalidArgument
 from lunseal.schema.mirrors import MirrorSplit
 from lunseal.schema.state import HoldAcquire

@@ -14,19 +14,19 @@ from pathlib import Path
 import pytest
 
 from lunseal.engine.array import Array
-from lunseal.engine.backend import Backend
-from lunseal.engine.layers import FaultyBackend, MirroredBackend
+from lunseal.engine.backends.base import Backend
+from lunseal.engine.backends.layers import FaultyBackend, MirroredBackend
 from lunseal.engine.lun import BackendView
 from lunseal.errors import InvalidArgument
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "lunseal"
 #: Where backend objects may be held and called: the LUN (the gate), the layers
 #: it stacks, and the backend implementations themselves.
-GATE = {"engine/lun.py", "engine/layers.py"}
-BACKENDS = {"engine/backend.py", "engine/file_backend.py", "engine/memory_backend.py"}
+GATE = {"engine/lun.py", "engine/backends/layers.py"}
+BACKENDS = {"engine/backends/base.py", "engine/backends/file.py", "engine/backends/memory.py"}
 #: Modules that may create a backend (and hand it straight to a Lun) or name a
 #: layer type to push through the LUN.
-MAKERS = {"engine/array.py": {"FileBackend"}, "engine/mirrors.py": {"MirroredBackend"}}
+MAKERS = {"engine/array.py": {"FileBackend"}, "engine/mirror/registry.py": {"MirroredBackend"}}
 IMPLEMENTATIONS = {
     "FileBackend",
     "MemoryBackend",
@@ -95,12 +95,12 @@ def test_no_module_outside_the_gate_touches_a_backend() -> None:
         "lun._backend.write(0, b'x')",
         "lun.backend = other",
         "lun.backend.inner.trim(0, 1)",
-        "from lunseal.engine.file_backend import FileBackend",
-        "from lunseal.engine.layers import PowerLossBackend",
+        "from lunseal.engine.backends.file import FileBackend",
+        "from lunseal.engine.backends.layers import PowerLossBackend",
     ],
 )
 def test_the_scan_catches_each_way_around_the_gate(snippet: str) -> None:
-    assert violations("nbd/anything.py", ast.parse(snippet)) != []
+    assert violations("frontends/nbd/anything.py", ast.parse(snippet)) != []
 
 
 def test_a_luns_backend_is_a_read_only_view(tmp_path: Path) -> None:

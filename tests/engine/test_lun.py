@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from lunseal.engine.backend import Extent
+from lunseal.engine.backends.base import Extent
+from lunseal.engine.backends.memory import MemoryBackend
 from lunseal.engine.lun import (
     MAX_LUN_NUMBER,
     MAX_LUN_SIZE,
@@ -17,7 +18,6 @@ from lunseal.engine.lun import (
     validate_number,
     validate_size,
 )
-from lunseal.engine.memory_backend import MemoryBackend
 from lunseal.errors import InvalidArgument, NoSpace, OutOfRange, ReadOnly
 
 SIZE = 64 * 1024

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from lunseal.engine.array import Array
-from lunseal.engine.layers import FaultyBackend
+from lunseal.engine.backends.layers import FaultyBackend
 
 
 def abandon(array: Array) -> None:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lunseal.client import ArrayClient
+from lunseal.host.client import ArrayClient
 
 LUNSEAL = str(Path(sys.executable).with_name("lunseal"))
 

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from itertools import count, pairwise
 
-from lunseal.nbd import constants as c
+from lunseal.frontends.nbd import constants as c
 
 TIMEOUT = 10.0
 

@@ -10,7 +10,8 @@ a LUN's data or state (grow, flush, checkpoint) it runs on that worker too
 backing file is closed, so no queued request ever sees a closed descriptor.
 
 The data directory is locked with ``flock`` so two daemons can never serve the
-same LUNs, and every backing file is locked while a LUN uses it (see :mod:`lunseal.engine.backing`).
+same LUNs, and every backing file is locked while a LUN uses it (see
+:mod:`lunseal.engine.backends.identity`).
 
 A LUN whose backing file cannot be used at start-up (missing, refused, locked
 elsewhere) is *unavailable*: it stays listed with the reason, refuses data and
@@ -28,10 +29,10 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from lunseal.engine import backing
-from lunseal.engine.backing import CATALOG_FILE, LUN_DIR, Holder, Identity, place
+from lunseal.engine.backends import identity as backing
+from lunseal.engine.backends.file import FileBackend
+from lunseal.engine.backends.identity import CATALOG_FILE, LUN_DIR, Holder, Identity, place
 from lunseal.engine.catalog import Catalog
-from lunseal.engine.file_backend import FileBackend
 from lunseal.engine.lun import (
     MAX_LUN_NUMBER,
     Lun,
@@ -41,8 +42,8 @@ from lunseal.engine.lun import (
     validate_number,
     validate_size,
 )
-from lunseal.engine.mirrors import MirrorSet
-from lunseal.engine.state import LunState, StateTracker
+from lunseal.engine.mirror.registry import MirrorSet
+from lunseal.engine.state.tracker import LunState, StateTracker
 from lunseal.engine.worker import LunWorker
 from lunseal.errors import (
     BackendError,

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lunseal.engine.lun import LunRecord
-from lunseal.engine.mirror_store import SqliteMirrorStore
+from lunseal.engine.mirror.store import SqliteMirrorStore
 from lunseal.engine.sqlite_guard import LockedConnection, guarded, transaction
-from lunseal.engine.state_store import SqliteStateStore
+from lunseal.engine.state.store import SqliteStateStore
 from lunseal.errors import CatalogError, LunsealError
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from lunseal.engine.backend import Backend, Extent, FileSlice, FileStamp
+from lunseal.engine.backends.base import Backend, Extent, FileSlice, FileStamp
 from lunseal.engine.worker import LunWorker
 from lunseal.errors import InvalidArgument, LunUnavailable, NoSpace, OutOfRange, ReadOnly
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from lunseal.engine.mirror import MirrorState, TargetAccess
+from lunseal.engine.mirror.mirror import MirrorState, TargetAccess
 
 
 class MirrorCreate(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lunseal.engine.state import TrackingMode
+from lunseal.engine.state.tracker import TrackingMode
 
 
 class HoldAcquire(BaseModel):

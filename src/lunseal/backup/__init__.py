@@ -1,6 +1,0 @@
-"""Host-side backup and restore (docs/design.md section 5).
-
-Everything here talks to the array only through the management API
-(:class:`lunseal.client.ArrayClient`) and NBD (:class:`lunseal.nbd.client.NbdClient`),
-so it works from another machine exactly as from the array's own.
-"""

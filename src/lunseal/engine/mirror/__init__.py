@@ -1,0 +1,1 @@
+"""Mirrors: legs, the synchronous fan-out, split/resync/restore and their persistence."""

@@ -1,0 +1,1 @@
+"""State tracking: holds, tokens, change maps and their persistence."""

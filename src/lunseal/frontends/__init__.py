@@ -1,0 +1,1 @@
+"""Front ends: wire protocols (NBD, the management API) translated into engine calls."""

@@ -1,0 +1,240 @@
+"""The management API: HTTP+JSON, served by the daemon on its own event loop.
+
+Handlers are ``async`` on purpose: they then run on the loop thread, the same
+thread that serves NBD, so the engine is never entered concurrently.
+
+Every path, including the OpenAPI description, requires the bearer token;
+the check is a middleware so a bad request is refused before any routing,
+validation or handler runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lunseal import __version__
+from lunseal.engine.array import Array
+from lunseal.engine.lun import Lun
+from lunseal.engine.sqlite_guard import catalog_error
+from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
+from lunseal.frontends.api.mirror_routes import install_mirror_routes
+from lunseal.frontends.api.state_routes import install_state_routes
+from lunseal.frontends.nbd.server import NbdServer
+from lunseal.schema.luns import (
+    ArrayStatus,
+    ErrorBody,
+    LunCreate,
+    LunGrow,
+    LunInfo,
+    LunRepoint,
+    LunStatsModel,
+    LunUpdate,
+    NbdEndpoints,
+)
+from lunseal.units import parse_size
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody, "description": "invalid argument"},
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorBody, "description": "no such LUN"},
+    409: {"model": ErrorBody, "description": "conflict (name or number taken, LUN in use)"},
+    503: {"model": ErrorBody, "description": "the catalog failed (e.g. its disk is full); retry"},
+}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DaemonContext:
+    array: Array
+    nbd: NbdServer
+    token: str
+    api_url: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+
+def create_app(ctx: DaemonContext) -> FastAPI:
+    app = FastAPI(
+        title="lunseal management API",
+        version=__version__,
+        description="Manage the LUNs of a lunseal array. Every request needs "
+        "`Authorization: Bearer <token>`; the token is in the data directory's api-token file.",
+        responses=_ERRORS,
+    )
+    _install_auth(app, ctx.token)
+    _install_error_handlers(app)
+    _install_routes(app, ctx)
+    install_state_routes(app, ctx.array)
+    install_mirror_routes(app, ctx.array)
+    return app
+
+
+def _install_auth(app: FastAPI, token: str) -> None:
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def require_token(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):
+            return _error_response(Unauthorized("missing or wrong API token"))
+        return await call_next(request)
+
+
+def _error_response(exc: LunsealError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    body = ErrorBody(error=exc.code, message=exc.message).model_dump()
+    return JSONResponse(body, status_code=exc.http_status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_lunseal_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LunsealError)
+        return _error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            for err in exc.errors()
+        )
+        return _error_response(InvalidArgument(f"invalid request: {problems}"))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        # Routing errors (no such path, wrong method) keep the {"error", "message"} shape.
+        assert isinstance(exc, StarletteHTTPException)
+        code = NotFound.code if exc.status_code == 404 else "http_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = ErrorBody(error=code, message=message).model_dump()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def on_sqlite_error(request: Request, exc: Exception) -> JSONResponse:
+        # A catalog path that does not translate its errors still answers 503.
+        assert isinstance(exc, sqlite3.Error)
+        log.error("%s %s: catalog failure: %s", request.method, request.url.path, exc)
+        return _error_response(catalog_error(exc))
+
+    app.add_exception_handler(LunsealError, on_lunseal_error)
+    app.add_exception_handler(sqlite3.Error, on_sqlite_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:
+    rec = lun.record
+    uris = []
+    if nbd.tcp_address is not None:
+        host, port = nbd.tcp_address
+        host = f"[{host}]" if ":" in host else host
+        uris.append(f"nbd://{host}:{port}/{rec.name}")
+    if nbd.unix_path is not None:
+        uris.append(f"nbd+unix:///{rec.name}?socket={nbd.unix_path}")
+    s = lun.stats
+    return LunInfo(
+        uuid=rec.uuid,
+        name=rec.name,
+        number=rec.number,
+        size=rec.size,
+        read_only=lun.read_only,
+        read_only_reason=_read_only_reason(lun),
+        backend=rec.backend,
+        path=rec.path,
+        created_at=rec.created_at,
+        connections=len(lun.users),
+        clients=lun.peers(),
+        nbd_uris=uris,
+        stats=LunStatsModel(
+            reads=s.reads,
+            writes=s.writes,
+            bytes_read=s.bytes_read,
+            bytes_written=s.bytes_written,
+            trims=s.trims,
+            zeroes=s.zeroes,
+            flushes=s.flushes,
+        ),
+        available=lun.available,
+        unavailable_reason=lun.unavailable or None,
+    )
+
+
+def _read_only_reason(lun: Lun) -> str:
+    if lun.record.read_only:
+        return "the LUN is set read-only"
+    return next(iter(lun.write_guards.values()), "")
+
+
+def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
+    array, nbd = ctx.array, ctx.nbd
+
+    @app.get("/v1/status", response_model=ArrayStatus, tags=["array"])
+    async def status() -> ArrayStatus:
+        tcp = nbd.tcp_address
+        return ArrayStatus(
+            array_id=array.array_id,
+            version=__version__,
+            pid=os.getpid(),
+            data_dir=str(array.data_dir),
+            uptime_seconds=time.monotonic() - ctx.started,
+            last_shutdown_clean=array.last_shutdown_clean,
+            luns=len(array.luns()),
+            connections=len(nbd.connections),
+            nbd=NbdEndpoints(
+                tcp=f"{tcp[0]}:{tcp[1]}" if tcp else None,
+                unix=str(nbd.unix_path) if nbd.unix_path else None,
+            ),
+            api_url=ctx.api_url,
+        )
+
+    @app.get("/v1/luns", response_model=list[LunInfo], tags=["luns"])
+    async def list_luns() -> list[LunInfo]:
+        return [lun_info(lun, nbd) for lun in array.luns()]
+
+    @app.post("/v1/luns", response_model=LunInfo, status_code=201, tags=["luns"])
+    async def create_lun(body: LunCreate) -> LunInfo:
+        size = None if body.size is None else parse_size(body.size)
+        lun = array.create_lun(
+            body.name,
+            size,
+            number=body.number,
+            read_only=body.read_only,
+            path=Path(body.path) if body.path else None,
+        )
+        return lun_info(lun, nbd)
+
+    @app.get("/v1/luns/{name}", response_model=LunInfo, tags=["luns"])
+    async def show_lun(name: str) -> LunInfo:
+        return lun_info(array.lun(name), nbd)
+
+    @app.patch("/v1/luns/{name}", response_model=LunInfo, tags=["luns"])
+    async def update_lun(name: str, body: LunUpdate) -> LunInfo:
+        lun = array.lun(name)
+        if body.read_only is not None:
+            lun = array.set_read_only(name, body.read_only)
+        return lun_info(lun, nbd)
+
+    @app.post("/v1/luns/{name}/repoint", response_model=LunInfo, tags=["luns"])
+    async def repoint_lun(name: str, body: LunRepoint) -> LunInfo:
+        """Serve the LUN from another existing file of its size; its state token changes."""
+        return lun_info(array.repoint_lun(name, Path(body.path)), nbd)
+
+    @app.post("/v1/luns/{name}/grow", response_model=LunInfo, tags=["luns"])
+    async def grow_lun(name: str, body: LunGrow) -> LunInfo:
+        return lun_info(array.grow_lun(name, parse_size(body.size)), nbd)
+
+    @app.delete("/v1/luns/{name}", status_code=204, tags=["luns"])
+    async def delete_lun(name: str, force: bool = False) -> Response:
+        array.delete_lun(name, force=force)
+        return Response(status_code=204)
