@@ -375,7 +375,9 @@ class Mirror:
                 self.work.clear(offset, length)
                 self.union.clear(offset, length)  # while copying, the target's map is empty
             done += length
-        self.copied += done
+            # Counted before the next run can finish the copy: a status read on
+            # another thread that sees the final state sees every byte copied.
+            self.copied += length
         return done
 
     def _next_run(self, limit: int) -> tuple[int, int] | None:
