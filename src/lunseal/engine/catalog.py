@@ -165,8 +165,41 @@ def _step3_foreign_keys(db: sqlite3.Connection) -> None:
     db.execute("DELETE FROM meta WHERE key = 'schema_version'")
 
 
+def _step4_scsi(db: sqlite3.Connection) -> None:
+    """Schema 4: the iSCSI target's initiator ACLs and CHAP secrets, and SCSI
+    persistent reservations (which must survive a restart).  CHAP needs the
+    secret itself, so it is stored as given; the catalog is readable by the
+    array's user only."""
+    _run(
+        db,
+        """
+        CREATE TABLE iscsi_initiators (
+            name TEXT PRIMARY KEY, chap_user TEXT, chap_secret TEXT,
+            mutual_user TEXT, mutual_secret TEXT, all_luns INTEGER NOT NULL,
+            created_at REAL NOT NULL);
+        CREATE TABLE iscsi_lun_access (
+            initiator TEXT NOT NULL REFERENCES iscsi_initiators (name) ON DELETE CASCADE,
+            lun_uuid TEXT NOT NULL REFERENCES luns (uuid) ON DELETE CASCADE,
+            read_only INTEGER NOT NULL, PRIMARY KEY (initiator, lun_uuid));
+        CREATE TABLE scsi_pr_registrations (
+            lun_uuid TEXT NOT NULL REFERENCES luns (uuid) ON DELETE CASCADE,
+            initiator_port TEXT NOT NULL, target_port TEXT NOT NULL, key INTEGER NOT NULL,
+            PRIMARY KEY (lun_uuid, initiator_port, target_port));
+        CREATE TABLE scsi_pr_state (
+            lun_uuid TEXT PRIMARY KEY REFERENCES luns (uuid) ON DELETE CASCADE,
+            generation INTEGER NOT NULL, holder_port TEXT, holder_target TEXT,
+            type INTEGER, aptpl INTEGER NOT NULL DEFAULT 0)
+        """,
+    )
+
+
 #: Step ``i`` takes the catalog from version ``i`` to ``i + 1``.
-STEPS: tuple[Step, ...] = (_step1_tables, _step2_text_epochs, _step3_foreign_keys)
+STEPS: tuple[Step, ...] = (
+    _step1_tables,
+    _step2_text_epochs,
+    _step3_foreign_keys,
+    _step4_scsi,
+)
 SCHEMA_VERSION = len(STEPS)
 
 
