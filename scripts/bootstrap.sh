@@ -15,4 +15,4 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 SPEC="$ROOT"
 if [ -n "${1:-}" ]; then SPEC="$ROOT[$1]"; fi
-"$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check -e "$SPEC"
+"$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$SPEC"
