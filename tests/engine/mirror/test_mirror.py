@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -193,11 +193,12 @@ def test_a_synced_target_is_read_only_for_hosts(array: Array) -> None:
     t = m.target
     before = content(t)
     assert t.read_only
-    for op in (
+    ops: tuple[Callable[[], None], ...] = (
         lambda: t.write(0, b"x"),
         lambda: t.zero(0, 4096),
         lambda: t.trim(0, 4096),
-    ):
+    )
+    for op in ops:
         with pytest.raises(ReadOnly, match="target of mirror dst"):
             op()
     assert content(t) == before

@@ -85,7 +85,9 @@ def assert_error(response: httpx.Response, status: int, code: str, match: str = 
     return str(body["message"])
 
 
-def create_lun(http: httpx.Client, name: str, size: str | int = "4M", **extra: object) -> Any:
+def create_lun(
+    http: httpx.Client, name: str, size: str | int | None = "4M", **extra: object
+) -> Any:
     response = http.post("/v1/luns", json={"name": name, "size": size, **extra})
     assert response.status_code == 201, response.text
     return response.json()

@@ -11,7 +11,6 @@ import pytest
 
 from tests.host.backup import (
     CHUNK,
-    LUNSEAL,
     MiB,
     backup,
     bytes_written,
@@ -27,7 +26,7 @@ from tests.host.backup import (
     save,
     write,
 )
-from tests.support.daemon import Daemon
+from tests.support.daemon import LUNSEAL, Daemon
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 

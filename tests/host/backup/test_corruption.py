@@ -15,7 +15,6 @@ import pytest
 from lunseal.host.nbd_client import NbdClient
 from tests.host.backup import (
     CHUNK,
-    LUNSEAL,
     MiB,
     backup,
     bytes_written,
@@ -30,7 +29,7 @@ from tests.host.backup import (
     save,
     write,
 )
-from tests.support.daemon import Daemon
+from tests.support.daemon import LUNSEAL, Daemon
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 
@@ -56,7 +55,7 @@ def two_backups(daemon: Daemon, archive: Path, tmp_path: Path) -> tuple[str, str
 
 def chunk_of(archive: Path, backup_id: str, index: int) -> Path:
     manifest = json.loads((archive / "manifests" / f"{backup_id}.json").read_text())
-    digest = manifest["chunks"][index]
+    digest = str(manifest["chunks"][index])
     return archive / "chunks" / digest[:2] / digest
 
 

@@ -5,6 +5,7 @@ series restores to exactly its own content."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_series_each_backup_restores_its_own_content(
     create_lun(daemon, "vol", size)
     create_lun(daemon, "scratch", size)
     fill_random(daemon, "vol", tmp_path, 40 * MiB)
-    changes = [
+    changes: list[Callable[[], object]] = [
         lambda: write(daemon, "vol", 5 * MiB, 3 * MiB, 0x21),
         lambda: qemu_io(daemon.uri("vol"), f"write -z {12 * MiB} {5 * MiB}"),  # zeroes
         lambda: write(daemon, "vol", 50 * MiB, 6 * MiB, 0x23),  # into the zero region

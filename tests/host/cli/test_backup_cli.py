@@ -20,7 +20,6 @@ import pytest
 from lunseal.units import format_size
 from tests.host.backup import (
     CHUNK,
-    LUNSEAL,
     MiB,
     backup,
     chunk_files,
@@ -34,7 +33,7 @@ from tests.host.backup import (
     save,
     write,
 )
-from tests.support.daemon import Daemon
+from tests.support.daemon import LUNSEAL, Daemon
 
 pytestmark = [pytest.mark.daemon, pytest.mark.interop]
 
