@@ -525,8 +525,7 @@ def _decode_out(nexus: Nexus, cdb: bytes, params: bytes) -> _Out:
         raise invalid_param(20, 3, "SPEC_I_PT is not supported")
     if length != BASIC_PARAMETERS or len(params) < BASIC_PARAMETERS:
         raise param_length_error(
-            f"the parameter list is {length} bytes ({len(params)} received), "
-            f"not {BASIC_PARAMETERS}"
+            f"the parameter list is {length} bytes ({len(params)} received), not {BASIC_PARAMETERS}"
         )
     flags = params[20]
     if flags & 0x08:
