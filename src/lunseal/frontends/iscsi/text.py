@@ -85,7 +85,7 @@ class Parameters:
     max_connections: int = 1
 
 
-def _number(value: str, low: int, high: int) -> int | None:
+def parse_number(value: str, low: int, high: int) -> int | None:
     try:
         n = int(value, 0)
     except ValueError:
@@ -168,13 +168,13 @@ def _answer(key: str, value: str, p: Parameters) -> str | None:
             p.data_digest = chosen[1]
         return chosen[0]
     if key == "MaxRecvDataSegmentLength":
-        n = _number(value, MIN_DATA_LENGTH, MAX_DATA_LENGTH)
+        n = parse_number(value, MIN_DATA_LENGTH, MAX_DATA_LENGTH)
         if n is None:
             return REJECT
         p.initiator_max_recv_data = n
         return None  # declarative: ours is declared once per login by the caller
     if key in ("MaxBurstLength", "FirstBurstLength"):
-        n = _number(value, MIN_DATA_LENGTH, MAX_DATA_LENGTH)
+        n = parse_number(value, MIN_DATA_LENGTH, MAX_DATA_LENGTH)
         if n is None:
             return REJECT
         if key == "MaxBurstLength":
@@ -200,7 +200,7 @@ def _answer(key: str, value: str, p: Parameters) -> str | None:
         return IRRELEVANT
     if key in ("ErrorRecoveryLevel", "MaxConnections", "MaxOutstandingR2T"):
         low, ours = _MINIMUM[key]
-        n = _number(value, low, 65535)
+        n = parse_number(value, low, 65535)
         if n is None:
             return REJECT
         least = min(n, ours)
@@ -212,14 +212,14 @@ def _answer(key: str, value: str, p: Parameters) -> str | None:
             p.error_recovery_level = least
         return str(least)
     if key == "DefaultTime2Wait":
-        n = _number(value, 0, 3600)
+        n = parse_number(value, 0, 3600)
         if n is None:
             return REJECT
         p.default_time2wait = max(n, 0)
         return str(p.default_time2wait)
     if key == "DefaultTime2Retain":
         # ERL 0 keeps nothing for reinstatement: 0 whatever is offered.
-        if _number(value, 0, 3600) is None:
+        if parse_number(value, 0, 3600) is None:
             return REJECT
         p.default_time2retain = 0
         return "0"
