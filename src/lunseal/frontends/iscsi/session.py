@@ -136,6 +136,9 @@ class Task:
     r2tsn: int = 0
     dispatched: bool = False
     aborted: bool = False
+    #: Data-in bytes the command produced when fewer were handed over (a file
+    #: slice read only as far as EDTL); ``None``: all of ``ScsiResult.data``.
+    produced: int | None = None
 
 
 @dataclass
@@ -523,7 +526,7 @@ class Connection:
         if isinstance(data, FileSlice):
             raise TypeError("file slices are read before they reach the session")
         view = memoryview(data)
-        total = view.nbytes
+        total = view.nbytes if task.produced is None else task.produced
         if task.write and not task.read:
             total = task.cdb_want
             send = 0
