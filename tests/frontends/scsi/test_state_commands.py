@@ -216,6 +216,12 @@ def test_unknown_service_action(lun: Lun) -> None:
     assert field_pointer(result) == (True, 1, 4)
 
 
+def test_other_vendor_opcodes_are_unknown(lun: Lun) -> None:
+    result = run(lun, bytes([0xC5, 0x05]) + bytes(14))  # no such action of C1h either
+    assert sense_of(result) == (sc.ILLEGAL_REQUEST, 0x20, 0)
+    assert field_pointer(result) == (True, 0, 7)
+
+
 def test_reserved_cdb_byte_and_short_cdb(lun: Lun) -> None:
     cdb = bytearray(sc.state_in_cdb(sc.InAction.READ_TOKEN, 64))
     cdb[4] = 1

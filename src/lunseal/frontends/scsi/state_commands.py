@@ -192,6 +192,10 @@ def parse_cdb(cdb: bytes) -> StateCdb:
     if len(cdb) < CDB_LENGTH:
         raise _cdb_field(0, 7, f"a state command CDB is {CDB_LENGTH} bytes, got {len(cdb)}")
     opcode, action = cdb[0], cdb[1] & 0x1F
+    if opcode not in (STATE_IN, STATE_OUT):
+        message = f"operation code {opcode:#04x} is not supported"
+        sense = sense_data(ILLEGAL_REQUEST, ASC_INVALID_COMMAND, field=(0, 7), message=message)
+        raise StateCommandError(sense, message)
     if cdb[1] & 0xE0:
         raise _cdb_field(1, 7, "reserved bits of byte 1 are set")
     actions: set[int] = set(OutAction) if opcode == STATE_OUT else set(InAction)
@@ -472,9 +476,6 @@ def _who(cmd: ScsiCommand) -> str:
 
 
 def _run(lun: Lun, cmd: ScsiCommand, cdb: StateCdb) -> bytes:
-    if cdb.opcode not in (STATE_IN, STATE_OUT):
-        sense = sense_data(ILLEGAL_REQUEST, ASC_INVALID_COMMAND, field=(0, 7))
-        raise StateCommandError(sense, f"opcode {cdb.opcode:#04x} is not a state command")
     tracker = tracker_of(lun)
     if cdb.opcode == STATE_IN:
         if cdb.action == InAction.READ_TOKEN:
