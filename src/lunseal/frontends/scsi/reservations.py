@@ -100,8 +100,11 @@ LU_SCOPE = 0
 
 #: A PERSISTENT RESERVE OUT parameter list without SPEC_I_PT (SPC-4 6.16.3).
 BASIC_PARAMETERS = 24
+#: The longest TransportID REGISTER AND MOVE accepts: an iSCSI name (at most
+#: 223 bytes), ",i,0x", an ISID and padding, with its 4-byte header.
+MAX_TRANSPORT_ID = 260
 #: The longest parameter list the target accepts (it buffers no more).
-MAX_PARAMETERS = BASIC_PARAMETERS
+MAX_PARAMETERS = BASIC_PARAMETERS + MAX_TRANSPORT_ID
 #: Registrations one LUN keeps; more gets INSUFFICIENT REGISTRATION RESOURCES.
 MAX_REGISTRATIONS = 256
 #: The one target port of the array, as READ FULL STATUS reports it.
@@ -323,6 +326,10 @@ class _Out:
     sark: int
     aptpl: bool
     nexus: ItNexus
+    #: REGISTER AND MOVE: where the reservation goes, and whether the sender
+    #: then unregisters.
+    destination: ItNexus | None = None
+    unregister: bool = False
 
 
 class Reservations:
@@ -521,6 +528,8 @@ def _decode_out(nexus: Nexus, cdb: bytes, params: bytes) -> _Out:
     if action not in _SERVICE_ACTIONS:
         raise invalid_field(1, 4, f"service action {action:#04x} is not supported")
     length = parameter_list_length(cdb)
+    if action == REGISTER_AND_MOVE:
+        return _decode_move(nexus, cdb, params, length)
     if length > BASIC_PARAMETERS and len(params) > 20 and params[20] & 0x08:
         raise invalid_param(20, 3, "SPEC_I_PT is not supported")
     if length != BASIC_PARAMETERS or len(params) < BASIC_PARAMETERS:
@@ -541,6 +550,49 @@ def _decode_out(nexus: Nexus, cdb: bytes, params: bytes) -> _Out:
         aptpl=bool(flags & 0x01),
         nexus=_nexus(nexus),
     )
+
+
+def _decode_move(nexus: Nexus, cdb: bytes, params: bytes, length: int) -> _Out:
+    """The parameter list of REGISTER AND MOVE (SPC-4 6.16.4): the basic 24 bytes
+    with a relative target port and a TransportID naming the destination."""
+    if length < BASIC_PARAMETERS or length > MAX_PARAMETERS or len(params) < length:
+        raise param_length_error(f"a REGISTER AND MOVE parameter list of {length} bytes")
+    tid_length = int.from_bytes(params[20:24], "big")
+    if BASIC_PARAMETERS + tid_length > length:
+        raise param_length_error(f"a TransportID of {tid_length} bytes does not fit")
+    if int.from_bytes(params[18:20], "big") != RELATIVE_TARGET_PORT:
+        raise invalid_param(18, why="the array has one target port, number 1")
+    destination = (parse_transport_id(params[24 : 24 + tid_length]), nexus.target_port)
+    return _Out(
+        action=REGISTER_AND_MOVE,
+        scope=cdb[2] >> 4,
+        type=cdb[2] & 0x0F,
+        key=int.from_bytes(params[0:8], "big"),
+        sark=int.from_bytes(params[8:16], "big"),
+        aptpl=bool(params[17] & 0x01),
+        nexus=_nexus(nexus),
+        destination=destination,
+        unregister=bool(params[17] & 0x02),
+    )
+
+
+def parse_transport_id(tid: bytes) -> str:
+    """The initiator port an iSCSI TransportID of format 01b names, spelled as
+    the transport spells nexuses (``NAME,i,0xISID``, ISID in lower-case hex)."""
+    if len(tid) < 24 or tid[0] & 0x0F != _ISCSI_PROTOCOL:
+        raise invalid_param(24, why="the TransportID is not an iSCSI one")
+    if tid[0] >> 6 != 0b01:
+        raise invalid_param(24, 7, why="the TransportID must name an initiator port")
+    length = int.from_bytes(tid[2:4], "big")
+    if length % 4 or 4 + length > len(tid):
+        raise invalid_param(26, why="bad TransportID length")
+    text = tid[4 : 4 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+    name, sep, isid = text.rpartition(",i,0x")
+    if not sep:  # the separator is case-insensitive
+        name, sep, isid = text.rpartition(",I,0X")
+    if not name or len(isid) != 12 or any(c not in "0123456789abcdefABCDEF" for c in isid):
+        raise invalid_param(28, why="the TransportID names no initiator port")
+    return f"{name},i,0x{isid.lower()}"
 
 
 def _check_scope_type(out: _Out) -> None:
@@ -657,6 +709,27 @@ def _preempt_registrations(rec: PrRecord, out: _Out) -> Outcome:
     return _bump(new), uas
 
 
+def _register_and_move(rec: PrRecord, out: _Out) -> Outcome:
+    """Hand the sender's reservation to another I_T nexus, registering it."""
+    _check_scope_type(out)
+    _registered(rec, out)
+    if out.sark == 0:
+        raise invalid_param(8, why="the destination needs a non-zero reservation key")
+    if rec.type is None or not _holds(rec, out.nexus) or rec.type in ALL_REGISTRANTS:
+        raise _conflict("only the holder of a single-holder reservation can move it")
+    destination = out.destination
+    assert destination is not None  # decoded with the service action
+    if destination == out.nexus:
+        raise invalid_param(24, why="the destination is the I_T nexus sending the command")
+    regs = [r for r in rec.registrations if r.nexus != destination]
+    if len(regs) == len(rec.registrations) and len(regs) >= MAX_REGISTRATIONS:
+        raise _no_room()
+    regs.append(Registration(destination[0], destination[1], out.sark))
+    if out.unregister:
+        regs = [r for r in regs if r.nexus != out.nexus]
+    return _bump(rec, registrations=tuple(regs), holder=destination, aptpl=out.aptpl), []
+
+
 _SERVICE_ACTIONS = {
     REGISTER: _register,
     RESERVE: _reserve,
@@ -667,6 +740,7 @@ _SERVICE_ACTIONS = {
     # (one ordered worker per LUN), so there is nothing left to abort.
     PREEMPT_AND_ABORT: _preempt,
     REGISTER_AND_IGNORE: _register_and_ignore,
+    REGISTER_AND_MOVE: _register_and_move,
 }
 
 
