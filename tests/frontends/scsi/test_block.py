@@ -99,9 +99,9 @@ def test_transfer_longer_than_block_limits_is_refused(scsi: Scsi) -> None:
     assert_sense(result, ILLEGAL_REQUEST, 0x24, 0x00, pointer=(7, None))
 
 
-def test_short_data_out_is_a_parameter_list_length_error(scsi: Scsi) -> None:
+def test_short_data_out_is_an_invalid_field_in_the_information_unit(scsi: Scsi) -> None:
     seen = changes(scsi.disk)
-    assert_sense(scsi.run(cdbs.rw10(0x2A, 0, 2), pattern(1)), ILLEGAL_REQUEST, 0x1A, 0x00)
+    assert_sense(scsi.run(cdbs.rw10(0x2A, 0, 2), pattern(1)), ILLEGAL_REQUEST, 0x0E, 0x03)
     assert seen == []
 
 
