@@ -480,11 +480,14 @@ class Connection:
     def _dispatch(self, task: Task) -> None:
         assert self.nexus is not None
         task.dispatched = True
-        if task.mismatch:
+        if task.mismatch and task.edtl > MAX_TRANSFER:
             self._complete(
                 task, ScsiResult(status=CHECK_CONDITION, sense=self._mismatch_sense(task))
             )
             return
+        # On any other mismatch the command still runs, without data-out: the SCSI
+        # layer then reports what is wrong with the CDB (unknown opcode, invalid
+        # field) first, and INVALID FIELD IN INFORMATION UNIT if it needs data.
         data = memoryview(task.buf) if task.buf is not None else b""
         cmd = ScsiCommand(
             lun=task.lun,
