@@ -208,6 +208,15 @@ def test_compare_and_write_needs_both_halves(scsi: Scsi) -> None:
     assert_sense(result, ILLEGAL_REQUEST, 0x24, 0x00, pointer=(13, None))
 
 
+def test_compare_and_write_count_must_match_the_transfer(scsi: Scsi) -> None:
+    """256 blocks wrap to 0 in the one-byte count: the initiator still sends data."""
+    seen = changes(scsi.disk)
+    result = scsi.run(cdbs.caw(0, 0), expected=2 * 256 * 512)
+    assert_sense(result, ILLEGAL_REQUEST, 0x24, 0x00, pointer=(13, None))
+    assert scsi.run(cdbs.caw(0, 0), expected=0).status == GOOD
+    assert seen == []
+
+
 def test_compare_and_write_fua_flushes(scsi: Scsi) -> None:
     layer = scsi.disk.push_layer(PowerLossBackend)
     scsi.good(cdbs.caw(0, 1, flags=0x08), bytes(512) + pattern(1))

@@ -143,11 +143,13 @@ def compare_and_write(req: Request) -> ScsiResult:
     req.check_range(rng)
     if rng.blocks > MAX_COMPARE_WRITE_BLOCKS:
         raise invalid_field(13, None, f"at most {MAX_COMPARE_WRITE_BLOCKS} blocks")
+    if req.expected_length != 2 * rng.length or len(req.data_out) != 2 * rng.length:
+        # The block count disagrees with the data the initiator sends (a count of
+        # 256 wraps to 0 in this one-byte field): nothing is compared or written.
+        raise invalid_field(13, None, "data-out must hold the compare and the write data")
     _require_writable(req)
     if rng.blocks == 0:
         return ScsiResult()
-    if len(req.data_out) != 2 * rng.length:
-        raise invalid_field(13, None, "data-out must hold the compare and the write data")
     _compare(req.lun.read(rng.offset, rng.length), req.data_out[: rng.length])
     req.lun.write(rng.offset, req.data_out[rng.length :], fua=bool(req.cdb[1] & FUA))
     return ScsiResult()

@@ -69,6 +69,8 @@ class Request:
     nexus: Nexus
     lun: Lun
     number: int
+    #: The initiator's expected data transfer length (EDTL in iSCSI).
+    expected_length: int = 0
 
     @property
     def blocks_total(self) -> int:
