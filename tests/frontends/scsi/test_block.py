@@ -255,9 +255,26 @@ def test_write_same16_ndob_zeroes_without_data(scsi: Scsi) -> None:
     assert scsi.disk.read(0, 4096) == bytes(4096)
 
 
+@pytest.mark.parametrize("op", [0x41, 0x93])
+def test_write_same_zero_blocks_runs_to_the_last_block(scsi: Scsi, op: int) -> None:
+    block = pattern(1, 5)
+    seen = changes(scsi.disk)
+    scsi.good(ws(op, BLOCKS - 10, 0), block)
+    assert seen == [((BLOCKS - 10) * 512, 10 * 512)]
+    assert scsi.disk.read((BLOCKS - 10) * 512, 10 * 512) == block * 10
+
+
 @pytest.mark.parametrize(("op", "byte"), [(0x41, 7), (0x93, 10)])
-def test_write_same_zero_blocks_is_refused(scsi: Scsi, op: int, byte: int) -> None:
-    assert_sense(scsi.run(ws(op, 0, 0), bytes(512)), ILLEGAL_REQUEST, 0x24, 0, pointer=(byte, None))
+def test_write_same_longer_than_the_limit_is_refused(scsi: Scsi, op: int, byte: int) -> None:
+    scsi.array.create_lun("huge", 2 << 30, number=1)
+    scsi.attach(lun=1)
+    seen = changes(scsi.array.lun("huge"))
+    if op == 0x93:  # WRITE SAME(10) cannot even name that many blocks
+        result = scsi.run(ws(op, 0, (1 << 21) + 1), bytes(512), lun=1)
+        assert_sense(result, ILLEGAL_REQUEST, 0x24, 0, pointer=(byte, None))
+    result = scsi.run(ws(op, 0, 0), bytes(512), lun=1)  # to the end: 4 Mi blocks
+    assert_sense(result, ILLEGAL_REQUEST, 0x24, 0, pointer=(byte, None))
+    assert seen == []
 
 
 def test_write_same_anchor_is_refused(scsi: Scsi) -> None:

@@ -166,8 +166,8 @@ def write_same(req: Request) -> ScsiResult:
     ndob = sixteen and bool(flags & 0x01)
     rng = block_range(req.cdb)
     req.check_range(rng)
-    if rng.blocks == 0:
-        raise invalid_field(10 if sixteen else 7, None, "zero blocks (WSNZ is set)")
+    if rng.blocks == 0:  # WSNZ is clear: zero blocks means up to the last block
+        rng = BlockRange(rng.lba, req.blocks_total - rng.lba)
     if rng.blocks > MAX_WRITE_SAME_BLOCKS:
         raise invalid_field(10 if sixteen else 7, None, f"at most {MAX_WRITE_SAME_BLOCKS}")
     _require_writable(req)
