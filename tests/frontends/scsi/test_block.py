@@ -249,6 +249,12 @@ def test_write_same_unmap_deallocates_and_reads_zero(scsi: Scsi, op: int) -> Non
     assert status[20] == 1
 
 
+def test_write_same_unmap_deallocates_whatever_the_data(scsi: Scsi) -> None:
+    scsi.good(cdbs.rw10(0x2A, BLOCKS - 3, 3), pattern(3))
+    scsi.good(ws(0x41, BLOCKS - 3, 0, flags=0x08), bytes([0xFF]) * 512)
+    assert scsi.disk.read((BLOCKS - 3) * 512, 1536) == bytes(1536)
+
+
 def test_write_same16_ndob_zeroes_without_data(scsi: Scsi) -> None:
     scsi.good(cdbs.rw10(0x2A, 0, 8), pattern(8))
     scsi.good(ws(0x93, 0, 8, flags=0x09))

@@ -172,10 +172,12 @@ def write_same(req: Request) -> ScsiResult:
         raise invalid_field(10 if sixteen else 7, None, f"at most {MAX_WRITE_SAME_BLOCKS}")
     _require_writable(req)
     block = bytes(BLOCK) if ndob else bytes(_data(req, BLOCK))
-    if block.count(0) == BLOCK:
-        # Unmapped blocks read back as zeroes (LBPRZ), so zeroes may be unmapped
-        # whether or not UNMAP is set; with it the blocks are deallocated.
-        req.lun.zero(rng.offset, rng.length, may_trim=bool(flags & 0x08))
+    unmap = bool(flags & 0x08)
+    if unmap or block.count(0) == BLOCK:
+        # With UNMAP the blocks are deallocated and read back as zeroes (LBPRZ),
+        # whatever the data-out holds (SBC-3 5.50; libiscsi expects exactly
+        # that).  Zeroes without UNMAP are written as zeroes, unmapped or not.
+        req.lun.zero(rng.offset, rng.length, may_trim=unmap)
         return ScsiResult()
     _repeat(req, rng, block)
     return ScsiResult()
