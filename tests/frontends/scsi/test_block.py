@@ -103,9 +103,24 @@ def test_transfer_longer_than_block_limits_is_refused(scsi: Scsi) -> None:
 
 
 def test_short_data_out_is_an_invalid_field_in_the_information_unit(scsi: Scsi) -> None:
+    """Less data than the initiator said it would send: nothing is written."""
     seen = changes(scsi.disk)
-    assert_sense(scsi.run(cdbs.rw10(0x2A, 0, 2), pattern(1)), ILLEGAL_REQUEST, 0x0E, 0x03)
+    result = scsi.run(cdbs.rw10(0x2A, 0, 2), pattern(1), expected=1024)
+    assert_sense(result, ILLEGAL_REQUEST, 0x0E, 0x03)
+    result = scsi.run(cdbs.unmap(24), cdbs.unmap_list((0, 8))[:16], expected=24)
+    assert_sense(result, ILLEGAL_REQUEST, 0x0E, 0x03)
     assert seen == []
+
+
+@pytest.mark.parametrize("op", [0x2A, 0x2E])
+def test_write_shorter_transfer_writes_only_what_was_sent(scsi: Scsi, op: int) -> None:
+    """EDTL below the CDB's length: the blocks sent are written, no more."""
+    seen = changes(scsi.disk)
+    scsi.good(cdbs.rw10(op, 0, 2), pattern(1), expected=512)
+    assert seen == [(0, 512)]
+    assert scsi.disk.read(0, 1024) == pattern(1) + bytes(512)
+    scsi.good(cdbs.rw10(op, 0, 1), expected=0)
+    assert seen == [(0, 512)]
 
 
 def _protect_by_flag(scsi: Scsi) -> None:

@@ -55,13 +55,20 @@ def _require_writable(req: Request) -> None:
         raise write_protected(why)
 
 
-def _data(req: Request, length: int) -> memoryview:
-    """The first ``length`` bytes of data-out.  Fewer mean the initiator's expected
-    transfer length was shorter than the CDB's: the command is refused whole
-    (FCP-4/SAM-5 allow that or a partial write; refusing writes nothing)."""
-    if len(req.data_out) < length:
-        raise short_data_out(length, len(req.data_out))
-    return req.data_out[:length]
+def _data(req: Request, length: int, *, partial: bool = False) -> memoryview:
+    """The first ``length`` bytes of data-out.
+
+    When the initiator's expected transfer length is shorter than what the CDB
+    asks for and the transport delivered all of it, a ``partial`` command (a
+    plain write) runs on what was sent and nothing beyond it (FCP-4 9.4.2 a,
+    what libiscsi's residual tests expect); the transport reports the residual.
+    Any other shortfall refuses the command whole, writing nothing."""
+    have = len(req.data_out)
+    if have >= length:
+        return req.data_out[:length]
+    if partial and have == req.expected_length:
+        return req.data_out[:have]
+    raise short_data_out(length, have)
 
 
 def read(req: Request) -> ScsiResult:
@@ -81,7 +88,9 @@ def write(req: Request) -> ScsiResult:
     if rng.blocks == 0:
         return ScsiResult()
     fua = cdb_length(req.cdb[0]) != 6 and bool(req.cdb[1] & FUA)
-    req.lun.write(rng.offset, _data(req, rng.length), fua=fua)
+    data = _data(req, rng.length, partial=True)
+    if data:
+        req.lun.write(rng.offset, data, fua=fua)
     return ScsiResult()
 
 
@@ -91,8 +100,9 @@ def write_verify(req: Request) -> ScsiResult:
     req.check_protect_field()
     rng = _transfer(req)
     _require_writable(req)
-    if rng.blocks:
-        req.lun.write(rng.offset, _data(req, rng.length), fua=True)
+    data = _data(req, rng.length, partial=True) if rng.blocks else b""
+    if data:
+        req.lun.write(rng.offset, data, fua=True)
     return ScsiResult()
 
 
