@@ -357,16 +357,18 @@ class Connection:
             )
             return
         self.tasks[task.itt] = task
+        assert self.nexus is not None
+        if task.lun >= 0:
+            # Asked even without the W bit: a data-out command sent without it
+            # has all its data as overflow residual.
+            task.cdb_want = self.target.data_out_length(self.nexus, task.lun, task.cdb)
         if not task.write:
             self._dispatch(task)
             return
         self._start_write(task, pdu)
 
     def _start_write(self, task: Task, pdu: p.Pdu) -> None:
-        assert self.nexus is not None
-        want = self.target.data_out_length(self.nexus, task.lun, task.cdb) if task.lun >= 0 else 0
-        task.cdb_want = want
-        task.want = min(want, task.edtl)
+        task.want = min(task.cdb_want, task.edtl)
         if task.want > MAX_TRANSFER:
             task.too_long, task.want = True, 0
         unsolicited = 0 if self.params.initial_r2t else self.params.first_burst
@@ -516,7 +518,7 @@ class Connection:
             raise TypeError("file slices are read before they reach the session")
         view = memoryview(data)
         total = view.nbytes if task.produced is None else task.produced
-        if task.write and not task.read:
+        if (task.write or task.cdb_want) and not task.read:
             total = task.cdb_want
             send = 0
         else:
