@@ -4,6 +4,7 @@ trailing bytes; digests; the bounds that close a connection."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 import pytest
 from crc32c import crc32c
@@ -12,7 +13,15 @@ from lunseal.errors import ProtocolError
 from lunseal.frontends.iscsi import pdu as p
 
 D = p.Digests(header=True, data=True)
-SN = {"statsn": 7, "exp_cmdsn": 8, "max_cmdsn": 9}
+
+
+class Sns(TypedDict):
+    statsn: int
+    exp_cmdsn: int
+    max_cmdsn: int
+
+
+SN: Sns = {"statsn": 7, "exp_cmdsn": 8, "max_cmdsn": 9}
 
 # (name, builder, expected opcode, the direction's decoder opcodes)
 TARGET_PDUS: list[tuple[str, Callable[[p.Digests], bytes], int]] = [
