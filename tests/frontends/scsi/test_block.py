@@ -378,6 +378,14 @@ def test_orwrite_ors_the_data_into_the_blocks(scsi: Scsi) -> None:
     assert_sense(scsi.run(cdbs.rw16(0x8B, 4, 1), bytes(512)), DATA_PROTECT, 0x27, 0x00)
 
 
+def test_get_lba_status_looks_one_window_ahead(scsi: Scsi) -> None:
+    scsi.array.create_lun("huge", 3 << 30, number=1)
+    scsi.attach(lun=1)
+    data = scsi.good(cdbs.lba_status(8), lun=1)
+    assert int.from_bytes(data[0:4], "big") == 4 + 16
+    assert data[8:21] == (8).to_bytes(8, "big") + ((1 << 30) // 512).to_bytes(4, "big") + b"\x01"
+
+
 def test_get_lba_status_beyond_the_end(scsi: Scsi) -> None:
     assert_sense(scsi.run(cdbs.lba_status(BLOCKS)), ILLEGAL_REQUEST, 0x21, 0x00)
 
