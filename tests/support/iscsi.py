@@ -404,3 +404,21 @@ class Tgtd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- a lunseal daemon's iSCSI portal --------------------------------------------------
+
+
+def lunseal_portal(info: Mapping[str, object]) -> tuple[str, str]:
+    """(``HOST:PORT``, target IQN) of a daemon from its ``daemon.json``."""
+    portal, target = info.get("iscsi_portal"), info.get("iscsi_target")
+    if not isinstance(portal, str) or not isinstance(target, str):
+        raise HarnessError(f"daemon.json names no iSCSI portal/target: {dict(info)}")
+    return portal, target
+
+
+def lunseal_url(info: Mapping[str, object], lun: int, credentials: str = "") -> str:
+    """``iscsi://[user%secret@]HOST:PORT/IQN/LUN`` for LUN number ``lun``."""
+    portal, target = lunseal_portal(info)
+    auth = f"{credentials}@" if credentials else ""
+    return f"iscsi://{auth}{portal}/{target}/{lun}"
