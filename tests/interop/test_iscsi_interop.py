@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.interop.helpers import MiB, QemuIoSession, qemu_io, random_file, run, sha256
@@ -233,3 +235,112 @@ def test_read_only_lun_refuses_iscsi_writes(iscsi_daemon: Daemon) -> None:
     assert refused.returncode != 0
     assert "wrote" not in refused.stdout
     qemu_io(url, "read -P 0 0 4k", read_only=True)
+
+
+# -- access control ------------------------------------------------------------------
+
+CHAP_USER, CHAP_SECRET = "backup-host", "sixteen-byte-pw"
+TARGET_USER, TARGET_SECRET = "lunseal-array", "target-secret-1"
+
+
+def allow(daemon: Daemon, initiator: str, **body: object) -> None:
+    """POST /v1/iscsi/initiators/{initiator}: the API that manages the ACL."""
+    response = httpx.post(
+        f"{daemon.api_url}/v1/iscsi/initiators/{initiator}",
+        json=body,
+        headers={"Authorization": f"Bearer {daemon.token}"},
+        timeout=30,
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+def inquiry(url: str, initiator: str) -> subprocess.CompletedProcess[str]:
+    return run("iscsi-inq", "-i", initiator, url, check=False)
+
+
+def test_chap_login_succeeds_only_with_the_secret(iscsi_daemon: Daemon) -> None:
+    create(iscsi_daemon, "disk")
+    allow(iscsi_daemon, INITIATOR_1, chap={"user": CHAP_USER, "secret": CHAP_SECRET})
+    with iscsi_daemon.client() as api:
+        number = api.show_lun("disk").number
+    good = lunseal_url(iscsi_daemon.info, number, f"{CHAP_USER}%{CHAP_SECRET}")
+    wrong = lunseal_url(iscsi_daemon.info, number, f"{CHAP_USER}%{CHAP_SECRET[::-1]}")
+    bare = lunseal_url(iscsi_daemon.info, number)
+
+    ok = inquiry(good, INITIATOR_1)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "DIRECT_ACCESS" in ok.stdout
+    for url, initiator in ((wrong, INITIATOR_1), (bare, INITIATOR_1), (good, INITIATOR_2)):
+        refused = inquiry(url, initiator)
+        assert refused.returncode != 0, (url, initiator, refused.stdout)
+        assert "DIRECT_ACCESS" not in refused.stdout
+    # A refused login leaves the target serving: the right secret still works.
+    assert inquiry(good, INITIATOR_1).returncode == 0
+
+
+def test_mutual_chap(iscsi_daemon: Daemon) -> None:
+    """The target proves itself with its own secret; an initiator that expects
+    another secret refuses the target."""
+    create(iscsi_daemon, "disk")
+    allow(
+        iscsi_daemon,
+        INITIATOR_1,
+        chap={"user": CHAP_USER, "secret": CHAP_SECRET},
+        mutual={"user": TARGET_USER, "secret": TARGET_SECRET},
+    )
+    with iscsi_daemon.client() as api:
+        number = api.show_lun("disk").number
+    base = lunseal_url(iscsi_daemon.info, number, f"{CHAP_USER}%{CHAP_SECRET}")
+
+    ok = inquiry(f"{base}?target_user={TARGET_USER}&target_password={TARGET_SECRET}", INITIATOR_1)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    impostor = f"{base}?target_user={TARGET_USER}&target_password={TARGET_SECRET[::-1]}"
+    assert inquiry(impostor, INITIATOR_1).returncode != 0
+
+
+def test_lun_masking_and_read_only_access(iscsi_daemon: Daemon) -> None:
+    """An initiator given one LUN read-only sees only that LUN, and cannot write it;
+    another initiator with every LUN writes both."""
+    create(iscsi_daemon, "shown")
+    create(iscsi_daemon, "hidden")
+    allow(iscsi_daemon, INITIATOR_1, luns={"shown": "ro"})
+    allow(iscsi_daemon, INITIATOR_2, all_luns=True)
+    with iscsi_daemon.client() as api:
+        shown, hidden = api.show_lun("shown").number, api.show_lun("hidden").number
+    portal, _ = lunseal_portal(iscsi_daemon.info)
+
+    listing = run("iscsi-ls", "-s", "-i", INITIATOR_1, f"iscsi://{portal}").stdout
+    luns = re.findall(r"Lun:(\d+)\s+Type:DIRECT_ACCESS", listing)
+    assert luns == [str(shown)], listing
+    assert inquiry(lunseal_url(iscsi_daemon.info, hidden), INITIATOR_1).returncode != 0
+
+    refused = qemu_io(as_initiator(iscsi_daemon, shown, INITIATOR_1), "write 0 4k", check=False)
+    assert refused.returncode != 0
+    assert "wrote" not in refused.stdout
+    for number in (shown, hidden):
+        qemu_io(as_initiator(iscsi_daemon, number, INITIATOR_2), "write -P 0x42 0 4k")
+    qemu_io(as_initiator(iscsi_daemon, shown, INITIATOR_1), "read -P 0x42 0 4k", read_only=True)
+
+
+def test_header_digest(iscsi_daemon: Daemon, tmp_path: Path) -> None:
+    """CRC32C header digests, required by the initiator (qemu's driver and libiscsi's
+    tools; libiscsi never offers data digests)."""
+    create(iscsi_daemon, "disk", 8 * MiB)
+    with iscsi_daemon.client() as api:
+        number = api.show_lun("disk").number
+    portal, target = lunseal_portal(iscsi_daemon.info)
+    spec = {
+        "driver": "iscsi",
+        "transport": "tcp",
+        "portal": portal,
+        "target": target,
+        "lun": number,
+        "header-digest": "crc32c",
+    }
+    name = "json:" + json.dumps({"file": spec})
+    src = random_file(tmp_path / "src.raw", 8 * MiB)
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), name)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), name)
+    url = lunseal_url(iscsi_daemon.info, number)
+    ok = run("iscsi-inq", f"{url}?header_digest=crc32c", check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
