@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from lunseal.engine.iscsi_acl import IscsiAclStore
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror.store import SqliteMirrorStore
 from lunseal.engine.sqlite_guard import LockedConnection, guarded, transaction
@@ -258,6 +259,7 @@ class Catalog:
             migrate(self._db, path)
             self.states = SqliteStateStore(self._db)
             self.mirrors = SqliteMirrorStore(self._db)
+            self.iscsi_acl = IscsiAclStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
             raise

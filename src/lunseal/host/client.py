@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, InvalidArgument, LunsealError
 from lunseal.home import Home
+from lunseal.schema.iscsi import ChapBody, ChapSet, InitiatorAllow, InitiatorInfo, IscsiInfo
 from lunseal.schema.luns import ArrayStatus, LunCreate, LunGrow, LunInfo, LunRepoint, LunUpdate
 from lunseal.schema.mirrors import (
     MirrorCreate,
@@ -220,6 +221,38 @@ class ArrayClient:
     def delete_lun(self, name: str, *, force: bool = False) -> None:
         params = {"force": "true"} if force else {}
         self._call("DELETE", f"/v1/luns/{_quote(name)}", params=params)
+
+    # -- iSCSI initiator ACL ------------------------------------------------------------
+
+    def iscsi(self) -> IscsiInfo:
+        return self._get(IscsiInfo, "/v1/iscsi")
+
+    def allow_initiator(self, name: str, body: InitiatorAllow) -> InitiatorInfo:
+        path = f"/v1/iscsi/initiators/{_quote(name)}"
+        response = self._call("POST", path, json=body.model_dump(exclude_none=True))
+        return InitiatorInfo.model_validate(response.json())
+
+    def deny_initiator(self, name: str) -> None:
+        self._call("DELETE", f"/v1/iscsi/initiators/{_quote(name)}")
+
+    def set_initiator_lun(self, name: str, lun: str, access: str) -> InitiatorInfo:
+        """``access``: ro, rw, or none (the initiator no longer sees the LUN)."""
+        path = f"/v1/iscsi/initiators/{_quote(name)}/luns/{_quote(lun)}"
+        if access == "none":
+            response = self._call("DELETE", path)
+        else:
+            response = self._call("PUT", path, json={"access": access})
+        return InitiatorInfo.model_validate(response.json())
+
+    def set_chap(self, name: str, chap: ChapBody | None, mutual: ChapBody | None) -> InitiatorInfo:
+        """Set (or with ``chap`` None, clear) the initiator's CHAP credentials."""
+        path = f"/v1/iscsi/initiators/{_quote(name)}/chap"
+        if chap is None:
+            response = self._call("DELETE", path)
+        else:
+            body = ChapSet(chap=chap, mutual=mutual).model_dump(exclude_none=True)
+            response = self._call("PUT", path, json=body)
+        return InitiatorInfo.model_validate(response.json())
 
 
 def _quote(name: str) -> str:

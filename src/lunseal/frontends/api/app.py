@@ -29,6 +29,7 @@ from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
 from lunseal.engine.sqlite_guard import catalog_error
 from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
+from lunseal.frontends.api.iscsi_routes import install_iscsi_routes
 from lunseal.frontends.api.mirror_routes import install_mirror_routes
 from lunseal.frontends.api.state_routes import install_state_routes
 from lunseal.frontends.nbd.server import NbdServer
@@ -63,6 +64,9 @@ class DaemonContext:
     token: str
     api_url: str = ""
     started: float = field(default_factory=time.monotonic)
+    #: The iSCSI target's name and portal (HOST:PORT); None while iSCSI is off.
+    iscsi_target: str | None = None
+    iscsi_portal: str | None = None
 
 
 def create_app(ctx: DaemonContext) -> FastAPI:
@@ -78,6 +82,7 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     _install_routes(app, ctx)
     install_state_routes(app, ctx.array)
     install_mirror_routes(app, ctx.array)
+    install_iscsi_routes(app, ctx.array, lambda: (ctx.iscsi_target, ctx.iscsi_portal))
     return app
 
 
