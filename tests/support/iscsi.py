@@ -422,3 +422,22 @@ def lunseal_url(info: Mapping[str, object], lun: int, credentials: str = "") -> 
     portal, target = lunseal_portal(info)
     auth = f"{credentials}@" if credentials else ""
     return f"iscsi://{auth}{portal}/{target}/{lun}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tests.support.iscsi URL [TESTS] [MULTIPATH-URL]``: run the suite
+    with ``--dataloss`` and print the summary (exit 1 on any failure)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        print(main.__doc__)
+        return 2
+    tests = args[1].split(",") if len(args) > 1 else ["SCSI", "iSCSI"]
+    run = run_test_cu(args[0], tests, multipath_url=args[2] if len(args) > 2 else None)
+    print(run.summary())
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
