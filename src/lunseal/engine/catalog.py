@@ -21,6 +21,7 @@ from pathlib import Path
 from lunseal.engine.iscsi_acl import IscsiAclStore
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror.store import SqliteMirrorStore
+from lunseal.engine.pr_store import SqlitePrStore
 from lunseal.engine.sqlite_guard import LockedConnection, guarded, transaction
 from lunseal.engine.state.store import SqliteStateStore
 from lunseal.errors import CatalogError, LunsealError
@@ -259,6 +260,7 @@ class Catalog:
             migrate(self._db, path)
             self.states = SqliteStateStore(self._db)
             self.mirrors = SqliteMirrorStore(self._db)
+            self.reservations = SqlitePrStore(self._db)
             self.iscsi_acl = IscsiAclStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
