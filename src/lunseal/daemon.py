@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -30,6 +31,8 @@ from lunseal.engine.array import CATALOG_FILE, Array
 from lunseal.engine.lun import run_on_lun
 from lunseal.errors import AddressInUse, InvalidArgument
 from lunseal.frontends.api.app import DaemonContext, create_app
+from lunseal.frontends.iscsi.acl import CatalogAccess
+from lunseal.frontends.iscsi.server import IscsiServer, default_target_name
 from lunseal.frontends.nbd.server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -57,6 +60,12 @@ class DaemonConfig:
     clean_after: float = 2.0
     nbd_max_connections: int = DEFAULT_MAX_CONNECTIONS
     nbd_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: Serve iSCSI too (``--no-iscsi`` turns it off).
+    iscsi: bool = True
+    iscsi_host: str = "127.0.0.1"
+    iscsi_port: int = 3260
+    #: ``None``: ``iqn.2026-12.io.lunseal:lunseal.<array id>``.
+    iscsi_target_name: str | None = None
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -77,6 +86,16 @@ def run(config: DaemonConfig) -> int:
 async def _serve(cfg: DaemonConfig) -> int:
     nbd_sock, api_sock = _bind_listeners(cfg)
     try:
+        iscsi_sock = (
+            _bind_tcp("iSCSI", "--iscsi-port", cfg.iscsi_host, cfg.iscsi_port)
+            if cfg.iscsi
+            else None
+        )
+    except BaseException:
+        nbd_sock.close()
+        api_sock.close()
+        raise
+    try:
         home = Home(cfg.home)
         home.ensure()
         token = home.load_or_create_token()
@@ -85,11 +104,13 @@ async def _serve(cfg: DaemonConfig) -> int:
     except BaseException:
         nbd_sock.close()
         api_sock.close()
+        if iscsi_sock is not None:
+            iscsi_sock.close()
         raise
     try:
         if fresh and cfg.demo_lun and not array.luns():
             array.create_lun(DEMO_LUN, DEMO_SIZE)
-        return await _run_servers(cfg, home, array, token, (nbd_sock, api_sock))
+        return await _run_servers(cfg, home, array, token, (nbd_sock, api_sock), iscsi_sock)
     finally:
         array.close()
         log.info("array closed cleanly")
@@ -101,6 +122,7 @@ async def _run_servers(
     array: Array,
     token: str,
     sockets: tuple[socket.socket, socket.socket],
+    iscsi_sock: socket.socket | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -117,8 +139,12 @@ async def _run_servers(
     if cfg.unix_socket:
         await nbd.listen_unix(home.nbd_socket)
 
+    iscsi = await _start_iscsi(cfg, array, iscsi_sock) if iscsi_sock is not None else None
+
     api_host, api_port = api_sock.getsockname()[:2]
     ctx = DaemonContext(array=array, nbd=nbd, token=token)
+    if iscsi is not None:
+        ctx.iscsi_target, ctx.iscsi_portal = iscsi.target_name, iscsi.portal
     ctx.api_url = f"http://{_url_host(api_host)}:{api_port}"
     api = _EmbeddedUvicorn(
         uvicorn.Config(create_app(ctx), log_level="warning", lifespan="off", access_log=False)
@@ -127,8 +153,8 @@ async def _run_servers(
 
     checkpoints = asyncio.create_task(_checkpoint_loop(array, cfg.clean_after))
     copier = asyncio.create_task(_mirror_copy_loop(array))
-    _publish(home, nbd, ctx.api_url)
-    _print_banner(home, array, nbd, ctx.api_url)
+    _publish(home, nbd, ctx.api_url, iscsi)
+    _print_banner(home, array, nbd, ctx.api_url, iscsi)
     try:
         await _wait_for_stop(stop, api_task)
     finally:
@@ -138,9 +164,40 @@ async def _run_servers(
         api.should_exit = True
         with contextlib.suppress(Exception):
             await api_task
+        if iscsi is not None:
+            await iscsi.close()
         await nbd.close()
         home.daemon_info.unlink(missing_ok=True)
     return 0
+
+
+async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> IscsiServer:
+    # Imported here: the SCSI layer is only needed when iSCSI is on.
+    from lunseal.frontends.scsi.target import ScsiTarget
+
+    policy = CatalogAccess(array)
+    server = IscsiServer(
+        ScsiTarget(array),
+        target_name=cfg.iscsi_target_name or default_target_name(array.array_id),
+        policy=policy,
+    )
+    await server.listen_socket(sock)
+    host = server.address[0] if server.address else cfg.iscsi_host
+    if not _is_loopback(host) and not policy.configured:
+        log.warning(
+            "the iSCSI portal %s listens beyond loopback and no initiator ACL is configured: "
+            "any host that reaches it can read and write every LUN "
+            "(configure one with 'lunseal iscsi allow')",
+            server.portal,
+        )
+    return server
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Retry:
@@ -283,8 +340,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _publish(home: Home, nbd: NbdServer, api_url: str) -> None:
+def _publish(home: Home, nbd: NbdServer, api_url: str, iscsi: IscsiServer | None) -> None:
     tcp = nbd.tcp_address
+    address = iscsi.address if iscsi is not None else None
     atomic_write_json(
         home.daemon_info,
         {
@@ -293,11 +351,17 @@ def _publish(home: Home, nbd: NbdServer, api_url: str) -> None:
             "api_url": api_url,
             "nbd_tcp": f"{_url_host(tcp[0])}:{tcp[1]}" if tcp else None,
             "nbd_unix": str(nbd.unix_path) if nbd.unix_path else None,
+            "iscsi_host": address[0] if address else None,
+            "iscsi_port": address[1] if address else None,
+            "iscsi_portal": iscsi.portal if iscsi is not None else None,
+            "iscsi_target": iscsi.target_name if iscsi is not None else None,
         },
     )
 
 
-def _print_banner(home: Home, array: Array, nbd: NbdServer, api_url: str) -> None:
+def _print_banner(
+    home: Home, array: Array, nbd: NbdServer, api_url: str, iscsi: IscsiServer | None
+) -> None:
     lines = [f"lunseal {__version__} serving array {array.array_id} from {home.root}"]
     tcp = nbd.tcp_address
     for lun in array.luns()[:5]:
@@ -305,6 +369,9 @@ def _print_banner(home: Home, array: Array, nbd: NbdServer, api_url: str) -> Non
             lines.append(f"  NBD  nbd://{_url_host(tcp[0])}:{tcp[1]}/{lun.name}")
         if nbd.unix_path:
             lines.append(f"  NBD  nbd+unix:///{lun.name}?socket={nbd.unix_path}")
+    if iscsi is not None:
+        for lun in array.luns()[:5]:
+            lines.append(f"  iSCSI iscsi://{iscsi.portal}/{iscsi.target_name}/{lun.record.number}")
     if not array.luns():
         lines.append("  no LUNs yet: lunseal lun create NAME SIZE")
     lines.append(f"  API  {api_url}  (bearer token in {home.api_token}; OpenAPI: /openapi.json)")

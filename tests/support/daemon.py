@@ -38,6 +38,8 @@ class Daemon:
                 "0",
                 "--api-port",
                 "0",
+                "--iscsi-port",
+                "0",
                 "--log-level",
                 "debug",
                 *self.extra_args,
@@ -73,6 +75,19 @@ class Daemon:
     @property
     def api_url(self) -> str:
         return self.info["api_url"]
+
+    @property
+    def iscsi_port(self) -> int:
+        return int(self.info["iscsi_port"])
+
+    @property
+    def iscsi_portal(self) -> str:
+        """``HOST:PORT`` of the iSCSI portal."""
+        return self.info["iscsi_portal"]
+
+    @property
+    def iscsi_target(self) -> str:
+        return self.info["iscsi_target"]
 
     @property
     def token(self) -> str:

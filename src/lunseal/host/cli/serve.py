@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import typer
@@ -21,6 +22,14 @@ def serve(
     api_port: int = typer.Option(
         10810, min=0, max=65535, help="management API port (0 picks a free one)"
     ),
+    iscsi: bool = typer.Option(True, help="serve the LUNs over iSCSI too"),
+    iscsi_listen: str = typer.Option("127.0.0.1", help="address of the iSCSI portal"),
+    iscsi_port: int = typer.Option(
+        3260, min=0, max=65535, help="iSCSI portal port (0 picks a free one)"
+    ),
+    iscsi_target_name: str | None = typer.Option(
+        None, help="the target's IQN (default iqn.2026-12.io.lunseal:lunseal.<array id>)"
+    ),
     demo: bool = typer.Option(True, help="create a 1G LUN 'demo' in a new data directory"),
     max_connections: int = typer.Option(
         256, help="NBD connections served at once; more are refused with a log line"
@@ -36,7 +45,7 @@ def serve(
         "(a crash before that gives the LUN a new state epoch)",
     ),
 ) -> None:
-    """Run the array: serve LUNs over NBD and the management API until SIGTERM.
+    """Run the array: serve LUNs over NBD, iSCSI and the management API until SIGTERM.
 
     Exit codes: 0 after SIGTERM or Ctrl-C; 6 when a port or the data directory
     is in use; 2 when an address cannot be listened on. The ports are checked
@@ -52,6 +61,11 @@ def serve(
         raise typer.BadParameter("must be at least 1", param_hint="--max-connections")
     if handshake_timeout <= 0:
         raise typer.BadParameter("must be positive", param_hint="--handshake-timeout")
+    if iscsi_target_name is not None and not _valid_iqn(iscsi_target_name):
+        raise typer.BadParameter(
+            "an iSCSI name: iqn.YYYY-MM.reversed.domain[:anything], lower case, at most 223 bytes",
+            param_hint="--iscsi-target-name",
+        )
     configure_logging(log_level, log_file)
     home = resolve_home(ctx.obj.home if ctx.obj else None)
     code = run(
@@ -66,9 +80,23 @@ def serve(
             clean_after=clean_after,
             nbd_max_connections=max_connections,
             nbd_handshake_timeout=handshake_timeout,
+            iscsi=iscsi,
+            iscsi_host=iscsi_listen,
+            iscsi_port=iscsi_port,
+            iscsi_target_name=iscsi_target_name,
         )
     )
     raise typer.Exit(code)
+
+
+def _valid_iqn(name: str) -> bool:
+    return (
+        len(name.encode()) <= 223
+        and re.fullmatch(
+            r"iqn\.\d{4}-\d{2}\.[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[a-z0-9.:_-]+)?", name
+        )
+        is not None
+    )
 
 
 def configure_logging(level: str, log_file: Path | None) -> None:

@@ -1,0 +1,1 @@
+"""The project's small iSCSI initiator (host side)."""
