@@ -80,14 +80,17 @@ def show(capsys: pytest.CaptureFixture[str], title: str, run: ConformanceRun) ->
 
 
 def failure_report(results: list[CaseResult]) -> str:
-    return "\n".join(f"{r.name}:\n{r.detail}" for r in results)
+    """One line per test (the full output is in the printed summary's run)."""
+    return f"{len(results)} test(s):\n" + "\n".join(
+        f"{r.name}: {r.detail.splitlines()[0] if r.detail else r.outcome}"[:240] for r in results
+    )
 
 
 @pytest.fixture(scope="module")
 def conformance_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     require_tools("iscsi-test-cu")
     home = tmp_path_factory.mktemp("conformance") / "home"
-    daemon = Daemon(home, ["--iscsi-port", "0", "--no-demo"]).start()
+    daemon = Daemon(home, ["--no-demo"]).start()
     try:
         yield daemon
     finally:
