@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lunseal.frontends.scsi.interface import CHECK_CONDITION, GOOD
+from lunseal.host.iscsi.initiator import Initiator, Response
 from tests.interop.helpers import (
     TOOL_TIMEOUT,
     MiB,
@@ -238,10 +241,13 @@ def test_synced_mirror_target_refuses_iscsi_writes_until_split(
     with iscsi_daemon.client() as api:
         dst_url = lunseal_url(iscsi_daemon.info, api.show_lun("dst").number)
 
+    # qemu reads the write-protect bit (MODE SENSE) and will not open it read-write.
     refused = qemu_io(dst_url, "write -P 0x77 0 4k", check=False)
     assert refused.returncode != 0
     assert "wrote" not in refused.stdout
     assert "protect" in (refused.stdout + refused.stderr).lower()
+    # An initiator that writes anyway gets DATA PROTECT, and nothing is written.
+    assert raw_write10(iscsi_daemon, "dst").sense_key == DATA_PROTECT
     # Reads work, and the target still holds exactly the source's data.
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), dst_url)
 
@@ -256,7 +262,29 @@ def test_read_only_lun_refuses_iscsi_writes(iscsi_daemon: Daemon) -> None:
     refused = qemu_io(url, "write -P 0x77 0 4k", check=False)
     assert refused.returncode != 0
     assert "wrote" not in refused.stdout
+    assert raw_write10(iscsi_daemon, "ro").sense_key == DATA_PROTECT
     qemu_io(url, "read -P 0 0 4k", read_only=True)
+
+
+DATA_PROTECT = 0x07
+
+
+def raw_write10(daemon: Daemon, lun: str) -> Response:
+    """WRITE(10) of 8 blocks of 0x77 at LBA 0 through the project's own initiator,
+    which (unlike qemu) does not look at the write-protect bit first."""
+    with daemon.client() as api:
+        number = api.show_lun(lun).number
+    host, port = daemon.iscsi_portal.rsplit(":", 1)
+    with Initiator.connect(host, int(port)) as ini:
+        ini.login(daemon.iscsi_target)
+        # A new I_T nexus first gets its power-on UNIT ATTENTION; take it.
+        for _ in range(3):
+            if ini.command(number, bytes(6)).status == GOOD:  # TEST UNIT READY
+                break
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0)
+        response = ini.command(number, cdb, data_out=b"\x77" * 4096)
+    assert response.status == CHECK_CONDITION, response
+    return response
 
 
 # -- access control ------------------------------------------------------------------
