@@ -173,11 +173,12 @@ async def _run_servers(
 
 async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> IscsiServer:
     # Imported here: the SCSI layer is only needed when iSCSI is on.
+    from lunseal.frontends.scsi.reservations import Reservations
     from lunseal.frontends.scsi.target import ScsiTarget
 
     policy = CatalogAccess(array)
     server = IscsiServer(
-        ScsiTarget(array),
+        ScsiTarget(array, Reservations.for_array(array)),
         target_name=cfg.iscsi_target_name or default_target_name(array.array_id),
         policy=policy,
     )

@@ -477,6 +477,79 @@ def test_preempt_errors(env: Env) -> None:
     assert env.reservation() == (0xA, WE)
 
 
+# -- REGISTER AND MOVE ------------------------------------------------------------------
+
+
+def move_params(
+    key: int, sark: int, to: str, *, unreg: bool = False, port: int = 1, tid: bytes | None = None
+) -> bytes:
+    tid = pr.transport_id(to) if tid is None else tid
+    head = struct.pack(">QQxBHI", key, sark, 0x02 if unreg else 0, port, len(tid))
+    return head + tid
+
+
+def move(env: Env, who: Nexus, data: bytes, type_: int = WE) -> list[UnitAttention]:
+    cdb = prout_cdb(pr.REGISTER_AND_MOVE, type_, length=len(data))
+    return env.res.persistent_out(who, env.lun, cdb, data)
+
+
+@pytest.mark.parametrize("unreg", [False, True])
+def test_register_and_move_hands_the_reservation_over(env: Env, unreg: bool) -> None:
+    env.register(A, 0xA)
+    env.reserve(A, 0xA, WE)
+    assert move(env, A, move_params(0xA, 0xB, B.initiator_port, unreg=unreg)) == []
+    assert env.reservation() == (0xB, WE)
+    assert env.keys() == (2, [0xB] if unreg else [0xA, 0xB])
+    assert not env.conflicts(B, WRITE10)
+    assert env.conflicts(A, WRITE10)
+
+
+def test_transport_ids_name_initiator_ports() -> None:
+    port = "iqn.2026-12.test:x,i,0x23d000000001"
+    tid = pr.transport_id(port)
+    assert len(tid) % 4 == 0
+    assert pr.parse_transport_id(tid) == port
+    shouted = tid.replace(b",i,0x23d", b",I,0X23D")
+    assert pr.parse_transport_id(shouted) == port
+    with pytest.raises(SenseError):
+        pr.parse_transport_id(bytes((0x05,)) + tid[1:])  # format 00b: a device, not a port
+    with pytest.raises(SenseError):
+        pr.parse_transport_id(bytes((0x41,)) + tid[1:])  # not iSCSI
+    with pytest.raises(SenseError):
+        pr.parse_transport_id(pr.transport_id("iqn.2026-12.test:x"))  # no ISID
+
+
+def test_register_and_move_errors(env: Env) -> None:
+    env.register(A, 0xA)
+    env.register(B, 0xB)
+    with pytest.raises(ReservationConflict):  # nothing to move
+        move(env, A, move_params(0xA, 0xC, C.initiator_port))
+    env.reserve(A, 0xA, WE)
+    with pytest.raises(ReservationConflict):  # not the holder
+        move(env, B, move_params(0xB, 0xC, C.initiator_port))
+    with pytest.raises(ReservationConflict):  # wrong key
+        move(env, A, move_params(0xB, 0xC, C.initiator_port))
+    invalid_params = [
+        move_params(0xA, 0, C.initiator_port),  # no key for the destination
+        move_params(0xA, 0xC, A.initiator_port),  # to itself
+        move_params(0xA, 0xC, C.initiator_port, port=2),  # no such target port
+    ]
+    for data in invalid_params:
+        with pytest.raises(SenseError) as exc:
+            move(env, A, data)
+        assert sense_of(exc) == (0x5, 0x26, 0x00)
+    good = move_params(0xA, 0xC, C.initiator_port)
+    for data in (good[:30], good[:24] + bytes(4)):  # cut short / a TransportID too long
+        cdb = prout_cdb(pr.REGISTER_AND_MOVE, WE, length=len(good))
+        with pytest.raises(SenseError) as exc:
+            env.res.persistent_out(A, env.lun, cdb, data)
+        assert sense_of(exc) == (0x5, 0x1A, 0x00)
+    env.out(A, pr.PREEMPT, 0xA, 0xA, type_=WE_AR)
+    with pytest.raises(ReservationConflict):  # all-registrants reservations have no one holder
+        move(env, A, move_params(0xA, 0xC, C.initiator_port), WE_AR)
+    assert env.keys()[1] == [0xA, 0xB]
+
+
 # -- malformed commands ---------------------------------------------------------------------
 
 
@@ -499,6 +572,7 @@ def test_a_short_data_out_is_a_parameter_list_length_error(env: Env) -> None:
 def test_data_out_length_is_bounded() -> None:
     assert pr.data_out_length(prout_cdb(pr.REGISTER)) == 24
     assert pr.data_out_length(prout_cdb(pr.REGISTER, length=1 << 31)) == pr.MAX_PARAMETERS
+    assert pr.MAX_PARAMETERS < 512
 
 
 @pytest.mark.parametrize(("flags", "bit"), [(0x08, 3), (0x04, 2)])
@@ -516,7 +590,7 @@ def test_spec_i_pt_and_all_tg_pt_are_refused(env: Env, flags: int, bit: int) -> 
     assert env.keys() == (0, [])
 
 
-@pytest.mark.parametrize("action", [pr.REGISTER_AND_MOVE, 0x08, 0x1F])
+@pytest.mark.parametrize("action", [0x08, 0x1F])
 def test_unknown_service_actions_out(env: Env, action: int) -> None:
     with pytest.raises(SenseError) as exc:
         env.res.persistent_out(A, env.lun, prout_cdb(action), params(0, 1))
