@@ -23,11 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from lunseal.schema.iscsi import ChapBody, InitiatorAllow
 from tests.support.daemon import Daemon
 from tests.support.iscsi import (
+    INITIATOR_1,
+    INITIATOR_2,
     TGT_BASELINE,
     CaseResult,
     ConformanceRun,
+    HarnessError,
     lunseal_url,
     run_test_cu,
 )
@@ -165,3 +169,42 @@ def test_read_only_conformance(
         run.failed + run.skipped
     )
     assert run.results
+
+
+#: The suites that log in as both of iscsi-test-cu's initiators (or twice as one).
+TWO_INITIATOR_SUITES = [
+    "SCSI.Reserve6",
+    "SCSI.ProutRegister",
+    "SCSI.ProutReserve",
+    "SCSI.ProutPreempt",
+    "SCSI.PrinReadKeys",
+    "SCSI.MultipathIO",
+]
+
+
+def test_two_initiators_through_an_acl_with_chap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With an ACL that allows exactly the suite's two initiator names, each with
+    CHAP, the two-initiator suites pass; a third name is refused at login."""
+    require_tools("iscsi-test-cu")
+    daemon = Daemon(tmp_path / "home", ["--no-demo"]).start()
+    try:
+        chap = ChapBody(user="conformance", secret="conformance-secret")
+        with daemon.client() as api:
+            number = api.create_lun("acl", 256 << 20).number
+            for name in (INITIATOR_1, INITIATOR_2):
+                api.allow_initiator(name, InitiatorAllow(chap=chap))
+        url = lunseal_url(daemon.info, number, f"{chap.user}%{chap.secret}")
+        run = run_test_cu(url, TWO_INITIATOR_SUITES, multipath_url=url, cwd=tmp_path)
+        show(capsys, "two-initiator suites through an ACL with CHAP", run)
+        assert not run.failed, failure_report(run.failed)
+        unexpected = [r for r in run.skipped if allowed_reason(r.name) is None]
+        assert not unexpected, failure_report(unexpected)
+        assert len(run.passed) >= 20
+
+        stranger = ("iqn.2026-12.test.lunseal:stranger", INITIATOR_2)
+        with pytest.raises(HarnessError, match=r"no CUnit run summary|[Ll]ogin"):
+            run_test_cu(url, ["SCSI.TestUnitReady"], initiators=stranger, cwd=tmp_path)
+    finally:
+        daemon.kill()
