@@ -45,9 +45,11 @@ class Scsi:
         *,
         lun: int = 0,
         nexus: Nexus | None = None,
-        expected: int = 1 << 24,
+        expected: int | None = None,
     ) -> ScsiResult:
         who = nexus or self.nexus
+        if expected is None:  # as an initiator sets it: the data it sends, or room to read
+            expected = len(data_out) if data_out else 1 << 24
         cmd = ScsiCommand(lun, cdb, who, data_out, expected)
         found = self.target.lun(who, lun)
         if found is None:

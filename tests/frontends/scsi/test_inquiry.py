@@ -82,9 +82,10 @@ def test_naa_differs_between_luns(scsi: Scsi) -> None:
 def test_block_limits(scsi: Scsi) -> None:
     data = scsi.good(cdbs.inquiry(0xB0))
     assert int.from_bytes(data[2:4], "big") == 0x3C
-    assert data[4] & 1  # WSNZ
+    assert data[4] & 1 == 0  # WSNZ clear: zero blocks means to the end
     assert data[5] > 0  # COMPARE AND WRITE
-    assert int.from_bytes(data[8:12], "big") == 16384
+    assert int.from_bytes(data[8:12], "big") == 65536
+    assert 8 <= int.from_bytes(data[20:24], "big") <= 1 << 20  # libiscsi: sane unmap limit
     assert int.from_bytes(data[20:24], "big") > 0
     assert int.from_bytes(data[24:28], "big") > 0
     assert int.from_bytes(data[36:44], "big") > 0

@@ -9,6 +9,7 @@ import pytest
 from lunseal.engine.backends.layers import FaultyBackend
 from lunseal.engine.lun import Lun
 from lunseal.frontends.scsi.attention import UnitAttentions
+from lunseal.frontends.scsi.hooks import VendorCommands
 from lunseal.frontends.scsi.interface import (
     GOOD,
     RESERVATION_CONFLICT,
@@ -159,10 +160,21 @@ def test_unknown_service_action_points_at_byte1(scsi: Scsi) -> None:
     assert_sense(result, ILLEGAL_REQUEST, 0x24, 0x00, pointer=(1, 4))
 
 
-def test_vendor_opcodes_are_unknown_without_the_state_commands(scsi: Scsi) -> None:
-    if scsi.target.vendor is not None:
-        pytest.skip("the state commands module is present")
-    assert_sense(scsi.run(bytes((0xC0,)) + bytes(15)), ILLEGAL_REQUEST, 0x20, 0x00)
+def test_vendor_opcodes_go_to_the_state_commands_hook(scsi: Scsi) -> None:
+    seen: list[bytes] = []
+
+    def execute(lun: Lun, cmd: ScsiCommand) -> ScsiResult:
+        seen.append(bytes(cmd.cdb))
+        return ScsiResult(data=b"state")
+
+    scsi.target.vendor = VendorCommands(execute, lambda cdb: 7)
+    cdb = bytes((0xC5,)) + bytes(15)
+    assert scsi.good(cdb) == b"state"
+    assert seen == [cdb]
+    assert scsi.target.data_out_length(scsi.nexus, 0, cdb) == 7
+    scsi.target.vendor = None
+    assert_sense(scsi.run(cdb), ILLEGAL_REQUEST, 0x20, 0x00)
+    assert scsi.target.data_out_length(scsi.nexus, 0, cdb) == 0
 
 
 def test_reservation_commands_are_unknown_without_a_store(scsi: Scsi) -> None:

@@ -168,6 +168,7 @@ def _table() -> list[Command]:
         ),
         _rw(0x88, "READ(16)", b.read, 16),
         _rw(0x8A, "WRITE(16)", b.write, 16, writes=True),
+        _rw(0x8B, "ORWRITE(16)", b.or_write, 16, writes=True),
         _rw(0x8E, "WRITE AND VERIFY(16)", b.write_verify, 16, writes=True, flags=0xF2),
         _rw(0x8F, "VERIFY(16)", b.verify, 16, flags=0xF6),
         _rw(0x90, "PRE-FETCH(16)", b.prefetch, 16, flags=0x02),

@@ -136,7 +136,8 @@ class ScsiTarget:
             raise not_ready(f"LUN {lun.name} is unavailable: {lun.unavailable}")
         assert command.handler is not None
         data_out = memoryview(cmd.data_out).cast("B")
-        return command.handler(Request(cdb, data_out, cmd.nexus, lun, cmd.lun))
+        request = Request(cdb, data_out, cmd.nexus, lun, cmd.lun, cmd.expected_length)
+        return command.handler(request)
 
     def _offered(self, command: Command) -> bool:
         return command.kind != Kind.RESERVATION or self.reservations is not None
