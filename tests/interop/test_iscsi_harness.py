@@ -65,6 +65,7 @@ def test_parse_output_reads_every_outcome() -> None:
         "iSCSI.iSCSITMF.AbortTaskSimpleAsync": "skipped",
     }
     assert "test_read10_beyond_eol.c:42" in results["SCSI.Read10.BeyondEol"].detail
+    assert "tests" not in results["iSCSI.iSCSITMF.AbortTaskSimpleAsync"].detail
     assert results["SCSI.Unmap.Simple"].skip_reason.startswith("Logical unit is fully")
     assert results["iSCSI.iSCSITMF.AbortTaskSimpleAsync"].skip_reason == (
         "ABORT TASK is not implemented."

@@ -189,6 +189,8 @@ def parse_output(text: str, families: Mapping[str, str]) -> list[CaseResult]:
 
     for line in text.splitlines():
         if test is None:
+            if line.startswith("Run Summary"):
+                break
             if found := _SUITE.match(line):
                 suite = found.group("suite")
             elif found := _TEST.match(line):

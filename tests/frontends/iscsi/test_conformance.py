@@ -52,14 +52,6 @@ ALLOWED_SKIPS: dict[str, str] = {
     "SCSI.ExtendedCopy.*": "EXTENDED COPY (XCOPY) is not offered: no copy offload",
     "SCSI.ReceiveCopyResults.*": "RECEIVE COPY RESULTS belongs to EXTENDED COPY, not offered",
     "SCSI.WriteAtomic16.*": "WRITE ATOMIC(16) is not offered (no atomic-write guarantees)",
-    "SCSI.OrWrite.*": (
-        "OR WRITE is not offered: a read-modify-write that no common initiator sends; "
-        "COMPARE AND WRITE covers atomic updates"
-    ),
-    "SCSI.WriteSame1[06].ZeroBlocks": (
-        "WSNZ=1: WRITE SAME with 0 blocks (everything to the end of the LUN) is refused, "
-        "so one short CDB cannot rewrite a whole LUN"
-    ),
     "SCSI.PreventAllow.*": "LUNs are not removable media (RMB=0)",
     "SCSI.StartStopUnit.Simple": "LUNs are not removable media: LOEJ does nothing",
     "SCSI.Reserve6.TargetColdReset": "TARGET COLD RESET is not offered (warm reset is)",
