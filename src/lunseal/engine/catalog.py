@@ -14,6 +14,7 @@ the schema, append a step (never edit one that has shipped).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -249,6 +250,7 @@ _LUN_COLUMNS = "uuid, name, number, size, backend, path, owned, read_only, creat
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        _owner_only(path)
         # One connection for every thread; guarded calls serialise on its lock.
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, factory=LockedConnection
@@ -330,6 +332,20 @@ class Catalog:
     @guarded
     def delete_lun(self, uuid: str) -> None:
         self._db.execute("DELETE FROM luns WHERE uuid = ?", (uuid,))
+
+
+def _owner_only(path: Path) -> None:
+    """The catalog holds CHAP secrets: readable by the array's user only.  SQLite
+    gives its -wal and -shm files the database's mode; older ones are fixed here."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.chmod(0o600)
 
 
 def _record(row: tuple[object, ...]) -> LunRecord:

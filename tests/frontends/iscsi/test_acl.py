@@ -214,3 +214,22 @@ def test_a_failing_catalog_changes_nothing(array: Array) -> None:
         db.execute("PRAGMA query_only = OFF")
     assert store.get(OTHER) is None
     assert store.require(HOST).chap is None
+
+
+def test_the_catalog_holding_secrets_is_owner_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    arrs = Arrays(data)
+    array = arrs.open()
+    array.catalog.iscsi_acl.put(InitiatorRecord(HOST, 0.0, chap=Chap("h", SECRET)))
+    files = [data / name for name in ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm")]
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == ["0o600"] * 3
+    arrs.close()
+    for f in files:
+        if f.exists():
+            f.chmod(0o644)  # a catalog from before: fixed when it is opened
+    arrs.open()
+    try:
+        left = [f for f in files if f.exists()]
+        assert [oct(f.stat().st_mode & 0o777) for f in left] == ["0o600"] * len(left)
+    finally:
+        arrs.close()

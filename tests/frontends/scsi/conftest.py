@@ -18,8 +18,12 @@ MiB = 1 << 20
 TARGET = "iqn.2026-12.test:lunseal.t"
 
 
-def nexus(name: str = "iqn.2026-12.test:host1", isid: str = "0x23d000000001", **kw: object) -> Nexus:
-    return Nexus(name, f"{name},i,{isid}", f"{TARGET},t,0x0001", **kw)  # type: ignore[arg-type]
+def nexus(
+    name: str = "iqn.2026-12.test:host1",
+    isid: str = "0x23d000000001",
+    access: LunAccess | None = None,
+) -> Nexus:
+    return Nexus(name, f"{name},i,{isid}", f"{TARGET},t,0x0001", access or LunAccess())
 
 
 @dataclass
@@ -41,9 +45,11 @@ class Scsi:
         *,
         lun: int = 0,
         nexus: Nexus | None = None,
-        expected: int = 1 << 24,
+        expected: int | None = None,
     ) -> ScsiResult:
         who = nexus or self.nexus
+        if expected is None:  # as an initiator sets it: the data it sends, or room to read
+            expected = len(data_out) if data_out else 1 << 24
         cmd = ScsiCommand(lun, cdb, who, data_out, expected)
         found = self.target.lun(who, lun)
         if found is None:
@@ -75,7 +81,3 @@ def scsi(tmp_path: Path) -> Iterator[Scsi]:
         yield s
     finally:
         arrays.close()
-
-
-def access(**kw: object) -> LunAccess:
-    return LunAccess(**kw)  # type: ignore[arg-type]

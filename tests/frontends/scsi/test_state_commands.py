@@ -16,6 +16,7 @@ from lunseal.errors import InvalidArgument
 from lunseal.frontends.api.state_routes import state_info
 from lunseal.frontends.scsi import state_commands as sc
 from lunseal.frontends.scsi.interface import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResult
+from lunseal.frontends.scsi.target import ScsiTarget
 from tests.support.arrays import Arrays
 
 NEXUS = Nexus("iqn.2026-12.test:host", "iqn.2026-12.test:host,i,0x1", "tgt,t,0x1")
@@ -296,3 +297,25 @@ def test_check_results_are_bounded() -> None:
         results.put((f"i{i}", "t", "lun", 0), answer)
     assert len(results) == 8
     assert results.get(("i9", "t", "lun", 0)) == answer
+
+
+def test_through_the_scsi_target_dispatch(array: Array, lun: Lun) -> None:
+    """The vendor hook of ScsiTarget reaches this module, data-out length included."""
+    target = ScsiTarget(array)
+    params = sc.acquire_parameters(sc.HoldRequest("via-target"))
+    cdb = sc.state_out_cdb(sc.OutAction.ACQUIRE_HOLD, len(params))
+    assert target.data_out_length(NEXUS, lun.record.number, cdb) == len(params)
+
+    def execute(cdb: bytes, data: bytes = b"", expected: int = 0) -> ScsiResult:
+        cmd = ScsiCommand(lun.record.number, cdb, NEXUS, data, expected)
+        for _ in range(4):  # a new nexus first hears a unit attention
+            result = lun.run(lambda: target.execute(cmd))
+            if result.status != CHECK_CONDITION or result.sense[2] & 0x0F != 0x06:
+                return result
+        raise AssertionError("unit attentions never end")
+
+    assert execute(cdb, params).status == GOOD
+    result = execute(sc.state_in_cdb(sc.InAction.READ_TOKEN, 4096), expected=4096)
+    report_ = sc.decode_token_report(bytes(result.data))  # type: ignore[arg-type]
+    assert [h.name for h in report_.holds] == ["via-target"]
+    assert report_.token == lun.run(lambda: state_info(array.tracker("a"))).token

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.interop.helpers import lun_io as qemu_io
 from tests.support.cli import cli, lunseal, ok, one_line_error
 from tests.support.daemon import Daemon
 
@@ -115,3 +116,122 @@ def test_errors_are_one_line(cli_daemon: Daemon, host: str, tmp_path: Path) -> N
     assert "cannot read the CHAP secret" in line
     line = one_line_error(cli(cli_daemon, "iscsi", "chap", host), 2)
     assert "--clear" in line
+
+
+# -- lunseal state ... iscsi://: the in-band state commands through lunseal's initiator --------
+
+
+@pytest.fixture
+def numbered(cli_daemon: Daemon) -> tuple[str, str]:
+    """A fresh LUN: its name and its iscsi:// URL."""
+    name = f"isl{next(_names)}"
+    with cli_daemon.client() as api:
+        number = api.create_lun(name, "8M").number
+    return name, f"iscsi://127.0.0.1:{cli_daemon.iscsi_port}/{cli_daemon.iscsi_target}/{number}"
+
+
+def test_state_in_band_matches_the_api_and_sees_nbd_writes(
+    cli_daemon: Daemon, numbered: tuple[str, str]
+) -> None:
+    name, url = numbered
+    line = one_line_error(cli(cli_daemon, "state", "get", url), 4)
+    assert "tracking is off" in line
+    token = ok(cli_daemon, "state", "enable", url, "--hold", "backup").strip()
+    assert token.startswith("lst1.")
+    assert ok(cli_daemon, "state", "get", name).strip() == token  # the API's token
+    assert ok(cli_daemon, "state", "get", url).strip() == token
+    holds = ok_json(cli_daemon, "state", "holds", name)
+    assert [(h["name"], h["token"]) for h in holds] == [("backup", token)]
+    assert ok(cli_daemon, "state", "check", url, token).startswith("intact:")
+
+    qemu_io(cli_daemon, name, "write -P 0x5a 0 64k")  # over NBD
+    result = cli(cli_daemon, "state", "check", url, token)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("changed: ")
+    assert "written" in result.stdout
+    now = ok(cli_daemon, "state", "get", url).strip()
+    assert now != token
+    assert now == ok(cli_daemon, "state", "get", name).strip()
+    answer = ok_json(cli_daemon, "state", "check", name, now)  # and the API agrees
+    assert answer["result"] == "intact"
+
+    assert "tracking is off" in ok(cli_daemon, "state", "disable", url, "--hold", "backup")
+    assert ok_json(cli_daemon, "state", "holds", name) == []
+
+
+def test_state_in_band_errors_exit_like_the_api(
+    cli_daemon: Daemon, numbered: tuple[str, str]
+) -> None:
+    name, url = numbered
+    ok(cli_daemon, "state", "enable", url, "--hold", "h", "--mode", "flag", "--track-changes=1M")
+    holds = ok_json(cli_daemon, "state", "holds", name)
+    assert [(h["name"], h["granularity"]) for h in holds] == [("h", 1 << 20)]
+    assert "already has a hold" in one_line_error(
+        cli(cli_daemon, "state", "enable", url, "--hold", "h"), 4
+    )
+    assert "no hold named" in one_line_error(
+        cli(cli_daemon, "state", "disable", url, "--hold", "x"), 3
+    )
+    assert "not a lunseal state token" in one_line_error(
+        cli(cli_daemon, "state", "check", url, "garbage"), 2
+    )
+    bad = url.rsplit("/", 1)[0] + "/4000"
+    assert "LUN" in one_line_error(cli(cli_daemon, "state", "get", bad), 3)
+    ok(cli_daemon, "state", "disable", url, "--hold", "h")
+
+
+def test_state_in_band_with_chap(
+    cli_daemon: Daemon, numbered: tuple[str, str], tmp_path: Path
+) -> None:
+    _name, url = numbered
+    host = f"iqn.2026-12.test.cli:chap{next(_names)}"
+    chap = secret_file(tmp_path, "chap", SECRET)
+    mutual = secret_file(tmp_path, "mutual", MUTUAL)
+    ok(
+        cli_daemon,
+        "iscsi",
+        "allow",
+        host,
+        "--chap-user",
+        "bk",
+        "--chap-secret-file",
+        chap,
+        "--mutual-user",
+        "array",
+        "--mutual-secret-file",
+        mutual,
+    )
+    try:
+        login = ("--initiator", host, "--chap-user", "bk")
+        token = ok(
+            cli_daemon,
+            "state",
+            "enable",
+            url,
+            *login,
+            "--chap-secret-file",
+            chap,
+            "--mutual-user",
+            "array",
+            "--mutual-secret-file",
+            mutual,
+        ).strip()
+        env = {
+            "LUNSEAL_INITIATOR_NAME": host,
+            "LUNSEAL_CHAP_USER": "bk",
+            "LUNSEAL_CHAP_SECRET": SECRET,
+        }
+        result = lunseal("--home", str(cli_daemon.home), "state", "get", url, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == token
+        wrong = secret_file(tmp_path, "wrong", "not-the-right-one")
+        result = cli(cli_daemon, "state", "get", url, *login, "--chap-secret-file", wrong)
+        assert "Traceback" not in result.stderr
+        assert result.returncode != 0
+        # Not allowed at all: the ACL is closed to every other initiator.
+        result = cli(cli_daemon, "state", "get", url)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+    finally:
+        ok(cli_daemon, "iscsi", "deny", host)
+    ok(cli_daemon, "state", "disable", url)

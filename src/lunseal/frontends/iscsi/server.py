@@ -36,6 +36,8 @@ from lunseal.frontends.iscsi import pdu as p
 from lunseal.frontends.iscsi.access import AccessPolicy, OpenAccess
 from lunseal.frontends.iscsi.session import (
     HARDWARE_ERROR,
+    MAX_TRANSFER,
+    SENSE_TOO_LONG,
     CommandWork,
     Connection,
     ScsiTargetLike,
@@ -177,6 +179,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     self._run_work()
         except p.PduError as exc:
             conn.fail(exc.message, exc.reject_reason, exc.header)
+        except Exception:  # a bug must cost this connection only, never the target
+            log.exception("iSCSI connection from %s: internal error; closing it", self.peer)
+            self.abort()
+            return
         self._run_work()
         self._flush()
         if not self._closed and not conn.closing and self._backlogged():
@@ -356,9 +362,13 @@ def _execute(target: ScsiTargetLike, work: CommandWork) -> ScsiResult:
         result = target.execute(work.command)
         if isinstance(result.data, FileSlice):
             piece = result.data
+            length = min(piece.length, work.task.edtl)
+            if length > MAX_TRANSFER:
+                # Never hold more than a bounded read in memory for one command.
+                return ScsiResult(status=CHECK_CONDITION, sense=SENSE_TOO_LONG)
             # Only what the initiator takes is read; the rest counts as residual.
             work.task.produced = piece.length
-            result.data = _read_slice(piece, min(piece.length, work.task.edtl))
+            result.data = _read_slice(piece, length)
         return result
     except Exception:  # execute must not raise; if it does, one command fails, not the target
         log.exception("SCSI command 0x%02x failed", work.command.cdb[0])

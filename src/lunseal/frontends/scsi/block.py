@@ -29,10 +29,14 @@ from lunseal.frontends.scsi.sense import (
     lba_out_of_range,
     miscompare,
     param_length_error,
+    short_data_out,
     write_protected,
 )
 
 FUA = 0x08
+#: How far one GET LBA STATUS looks: bounds the extent scan of a large, fragmented
+#: LUN and keeps every run within the descriptor's 32-bit block count.
+STATUS_WINDOW = 1 << 30
 #: Bytes written per call when WRITE SAME repeats a non-zero block.
 _SAME_CHUNK = 1 << 20
 
@@ -54,11 +58,20 @@ def _require_writable(req: Request) -> None:
         raise write_protected(why)
 
 
-def _data(req: Request, length: int) -> memoryview:
-    """The first ``length`` bytes of data-out; fewer mean the initiator sent too little."""
-    if len(req.data_out) < length:
-        raise param_length_error(f"{length} bytes of data expected, {len(req.data_out)} sent")
-    return req.data_out[:length]
+def _data(req: Request, length: int, *, partial: bool = False) -> memoryview:
+    """The first ``length`` bytes of data-out.
+
+    When the initiator's expected transfer length is shorter than what the CDB
+    asks for and the transport delivered all of it, a ``partial`` command (a
+    plain write) runs on what was sent and nothing beyond it (FCP-4 9.4.2 a,
+    what libiscsi's residual tests expect); the transport reports the residual.
+    Any other shortfall refuses the command whole, writing nothing."""
+    have = len(req.data_out)
+    if have >= length:
+        return req.data_out[:length]
+    if partial and have == req.expected_length:
+        return req.data_out[:have]
+    raise short_data_out(length, have)
 
 
 def read(req: Request) -> ScsiResult:
@@ -78,7 +91,9 @@ def write(req: Request) -> ScsiResult:
     if rng.blocks == 0:
         return ScsiResult()
     fua = cdb_length(req.cdb[0]) != 6 and bool(req.cdb[1] & FUA)
-    req.lun.write(rng.offset, _data(req, rng.length), fua=fua)
+    data = _data(req, rng.length, partial=True)
+    if data:
+        req.lun.write(rng.offset, data, fua=fua)
     return ScsiResult()
 
 
@@ -88,8 +103,9 @@ def write_verify(req: Request) -> ScsiResult:
     req.check_protect_field()
     rng = _transfer(req)
     _require_writable(req)
-    if rng.blocks:
-        req.lun.write(rng.offset, _data(req, rng.length), fua=True)
+    data = _data(req, rng.length, partial=True) if rng.blocks else b""
+    if data:
+        req.lun.write(rng.offset, data, fua=True)
     return ScsiResult()
 
 
@@ -119,17 +135,34 @@ def _compare(stored: bytes, expected: bytes | memoryview) -> None:
     raise miscompare(first)
 
 
+def or_write(req: Request) -> ScsiResult:
+    """ORWRITE(16): the blocks become the OR of what they hold and the data-out
+    (read and write on the LUN's worker, so no other command comes between)."""
+    req.check_protect_field()
+    rng = _transfer(req)
+    _require_writable(req)
+    if rng.blocks == 0:
+        return ScsiResult()
+    mask = _data(req, rng.length)
+    stored = int.from_bytes(req.lun.read(rng.offset, rng.length), "big")
+    merged = (stored | int.from_bytes(mask, "big")).to_bytes(rng.length, "big")
+    req.lun.write(rng.offset, merged, fua=bool(req.cdb[1] & FUA))
+    return ScsiResult()
+
+
 def compare_and_write(req: Request) -> ScsiResult:
     req.check_protect_field()
     rng = BlockRange(be(req.cdb, 2, 10), req.cdb[13])
     req.check_range(rng)
     if rng.blocks > MAX_COMPARE_WRITE_BLOCKS:
         raise invalid_field(13, None, f"at most {MAX_COMPARE_WRITE_BLOCKS} blocks")
+    if req.expected_length != 2 * rng.length or len(req.data_out) != 2 * rng.length:
+        # The block count disagrees with the data the initiator sends (a count of
+        # 256 wraps to 0 in this one-byte field): nothing is compared or written.
+        raise invalid_field(13, None, "data-out must hold the compare and the write data")
     _require_writable(req)
     if rng.blocks == 0:
         return ScsiResult()
-    if len(req.data_out) != 2 * rng.length:
-        raise invalid_field(13, None, "data-out must hold the compare and the write data")
     _compare(req.lun.read(rng.offset, rng.length), req.data_out[: rng.length])
     req.lun.write(rng.offset, req.data_out[rng.length :], fua=bool(req.cdb[1] & FUA))
     return ScsiResult()
@@ -146,16 +179,22 @@ def write_same(req: Request) -> ScsiResult:
     ndob = sixteen and bool(flags & 0x01)
     rng = block_range(req.cdb)
     req.check_range(rng)
-    if rng.blocks == 0:
-        raise invalid_field(10 if sixteen else 7, None, "zero blocks (WSNZ is set)")
+    if rng.blocks == 0:  # WSNZ is clear: zero blocks means up to the last block
+        rng = BlockRange(rng.lba, req.blocks_total - rng.lba)
     if rng.blocks > MAX_WRITE_SAME_BLOCKS:
         raise invalid_field(10 if sixteen else 7, None, f"at most {MAX_WRITE_SAME_BLOCKS}")
     _require_writable(req)
+    if req.expected_length != (0 if ndob else BLOCK):
+        # One block of data-out, no more and no less: anything else means the
+        # initiator and the CDB disagree about what is being written.
+        raise short_data_out(0 if ndob else BLOCK, req.expected_length)
     block = bytes(BLOCK) if ndob else bytes(_data(req, BLOCK))
-    if block.count(0) == BLOCK:
-        # Unmapped blocks read back as zeroes (LBPRZ), so zeroes may be unmapped
-        # whether or not UNMAP is set; with it the blocks are deallocated.
-        req.lun.zero(rng.offset, rng.length, may_trim=bool(flags & 0x08))
+    unmap = bool(flags & 0x08)
+    if unmap or block.count(0) == BLOCK:
+        # With UNMAP the blocks are deallocated and read back as zeroes (LBPRZ),
+        # whatever the data-out holds (SBC-3 5.50; libiscsi expects exactly
+        # that).  Zeroes without UNMAP are written as zeroes, unmapped or not.
+        req.lun.zero(rng.offset, rng.length, may_trim=unmap)
         return ScsiResult()
     _repeat(req, rng, block)
     return ScsiResult()
@@ -212,16 +251,28 @@ def get_lba_status(req: Request) -> ScsiResult:
     if lba >= req.blocks_total:
         raise lba_out_of_range(lba, 1)
     room = max(0, (min(alloc, 1 << 16) - 8) // 16)
-    descriptors = _lba_status(req, lba, max(room, 1))
+    descriptors = _lba_status(req, _status_start(req, lba), max(room, 1))
     body = b"".join(descriptors)
     data = (len(body) + 4).to_bytes(4, "big") + bytes(4) + body
     return ScsiResult(data=data[:alloc])
 
 
+def _status_start(req: Request, lba: int) -> int:
+    """Where the report starts: provisioning status is per physical block (4 KiB,
+    the unmap granularity), and libiscsi's conformance test expects a start
+    inside one to be reported from the next boundary.  A start on a boundary (as
+    qemu asks, from the ends of earlier descriptors) is reported as asked."""
+    per = 1 << PHYS_EXPONENT
+    aligned = -(-lba // per) * per
+    return aligned if aligned < req.blocks_total else lba
+
+
 def _lba_status(req: Request, lba: int, limit: int) -> list[bytes]:
-    """Mapped (0) / deallocated (1) runs from ``lba``, at most ``limit`` of them."""
+    """Mapped (0) / deallocated (1) runs from ``lba``, at most ``limit`` of them,
+    within :data:`STATUS_WINDOW` (the host asks again from where the report ends)."""
     runs: list[list[int]] = []  # [start block, end block, status]
-    for ext in req.lun.extents(lba * BLOCK, req.lun.size - lba * BLOCK):
+    offset = lba * BLOCK
+    for ext in req.lun.extents(offset, min(req.lun.size - offset, STATUS_WINDOW)):
         start, end = ext.offset // BLOCK, -(-ext.end // BLOCK)
         status = 1 if ext.hole else 0
         if runs and runs[-1][2] == status:
@@ -256,7 +307,7 @@ def prefetch(req: Request) -> ScsiResult:
 def data_out_length(cdb: bytes) -> int:
     """Bytes of data-out the block command in ``cdb`` asks for."""
     op = cdb[0]
-    if op in (0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E):
+    if op in (0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x8B):
         return block_range(cdb).length
     if op in (0x2F, 0xAF, 0x8F):  # VERIFY: data only with BYTCHK
         bytchk = (cdb[1] >> 1) & 0x03

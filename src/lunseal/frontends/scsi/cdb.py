@@ -11,14 +11,15 @@ from lunseal.frontends.scsi.sense import invalid_field, lba_out_of_range
 #: Logical block size; the physical block is 2**PHYS_EXPONENT of them (4 KiB).
 BLOCK = 512
 PHYS_EXPONENT = 3
-#: Longest READ/WRITE the target accepts, in blocks (8 MiB): bounds the data-out
-#: a transport buffers for one command.
-MAX_TRANSFER_BLOCKS = 16384
+#: Longest READ/WRITE the target accepts, in blocks (32 MiB, the iSCSI
+#: transport's limit): bounds the data-out a transport buffers for one command.
+MAX_TRANSFER_BLOCKS = 65536
 #: Longest COMPARE AND WRITE, in blocks.
 MAX_COMPARE_WRITE_BLOCKS = 255
-#: Longest WRITE SAME / UNMAP range, in blocks (1 GiB), and UNMAP descriptors.
+#: Longest WRITE SAME range (1 GiB) and UNMAP range (512 MiB), in blocks, and
+#: UNMAP descriptors per command.
 MAX_WRITE_SAME_BLOCKS = 1 << 21
-MAX_UNMAP_BLOCKS = 1 << 21
+MAX_UNMAP_BLOCKS = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 
 
@@ -68,6 +69,8 @@ class Request:
     nexus: Nexus
     lun: Lun
     number: int
+    #: The initiator's expected data transfer length (EDTL in iSCSI).
+    expected_length: int = 0
 
     @property
     def blocks_total(self) -> int:

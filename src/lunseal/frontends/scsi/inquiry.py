@@ -114,7 +114,7 @@ def identification(lun: Lun, nexus: Nexus) -> bytes:
 
 def block_limits(lun: Lun) -> bytes:
     body = bytearray(0x3C)
-    body[0] = 0x01  # WSNZ: WRITE SAME with zero blocks is refused
+    # WSNZ clear: WRITE SAME with zero blocks runs to the last block.
     body[1] = MAX_COMPARE_WRITE_BLOCKS
     body[2:4] = (1 << PHYS_EXPONENT).to_bytes(2, "big")  # optimal granularity
     body[4:8] = MAX_TRANSFER_BLOCKS.to_bytes(4, "big")

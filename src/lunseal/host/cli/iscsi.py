@@ -6,40 +6,16 @@ them): they come from a file (``-`` for stdin) or an environment variable.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import typer
 
 from lunseal.errors import InvalidArgument
 from lunseal.host.cli.common import client, console, emit, table
+from lunseal.host.secret_file import CHAP_SECRET_ENV, MUTUAL_SECRET_ENV, read_secret
 from lunseal.schema.iscsi import Access, ChapBody, InitiatorAllow, InitiatorInfo
 
 app = typer.Typer(help="The iSCSI target: initiator ACL, LUN masking, CHAP.", no_args_is_help=True)
-
-CHAP_SECRET_ENV = "LUNSEAL_CHAP_SECRET"
-MUTUAL_SECRET_ENV = "LUNSEAL_MUTUAL_SECRET"
-#: A secret file larger than this is surely not a secret (CHAP secrets are <= 255 bytes).
-SECRET_FILE_MAX = 4096
-
-
-def read_secret(path: Path | None, env: str, what: str) -> str | None:
-    """A secret from ``path`` (``-``: stdin; one trailing newline dropped), else from
-    the environment variable ``env``, else ``None``."""
-    if path is None:
-        return os.environ.get(env) or None
-    try:
-        if str(path) == "-":
-            raw = sys.stdin.read(SECRET_FILE_MAX + 1)
-        else:
-            with path.open() as f:
-                raw = f.read(SECRET_FILE_MAX + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"cannot read the {what} from {path}: {exc}") from None
-    if len(raw) > SECRET_FILE_MAX:
-        raise InvalidArgument(f"{path} is too large to hold a {what}")
-    return raw.removesuffix("\n").removesuffix("\r")
 
 
 def chap_from(user: str | None, secret_file: Path | None, env: str, what: str) -> ChapBody | None:
