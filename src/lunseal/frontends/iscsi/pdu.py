@@ -111,8 +111,8 @@ LOGIN_MAX_DATA = 8192
 MAX_AHS = 255 * 4
 
 _U32 = struct.Struct(">I")
-_BHS_HEAD = struct.Struct(">BBBBB3s8sI")  # opcode, flags, b2, b3, ahs words, dlen, lun, itt
-_TAIL = struct.Struct(">7I")  # bytes 20..47 as seven words
+_BHS_HEAD = struct.Struct(">BBBBI8sI")  # opcode, flags, b2, b3, ahs words+dlen, lun, itt
+_BHS_WORDS = struct.Struct(">BBBBI8sI7I")  # the same and bytes 20..47 as seven words
 
 _INITIAL_BUFFER = 64 << 10
 
@@ -371,15 +371,18 @@ def build_parts(
     zero); ``tail`` gives those 28 bytes raw instead."""
     if len(ahs) % 4 or len(ahs) > MAX_AHS:
         raise ValueError("AHS must be whole words, at most 1020 bytes")
-    if tail is None:
-        tail = _TAIL.pack(*(words + (0,) * (7 - len(words))))
     first = opcode | (0x40 if immediate else 0)
     dlen = len(data)
-    head = (
-        _BHS_HEAD.pack(first, flags, b2, b3, len(ahs) // 4, dlen.to_bytes(3, "big"), lun, itt)
-        + tail
-        + ahs
-    )
+    lengths = (len(ahs) << 22) | dlen  # TotalAHSLength in words, then 3 bytes of length
+    if tail is None:
+        # The common case in one pack: this runs once per PDU on the event loop.
+        if len(words) < 7:
+            words += (0,) * (7 - len(words))
+        head = _BHS_WORDS.pack(first, flags, b2, b3, lengths, lun, itt, *words)
+    else:
+        head = _BHS_HEAD.pack(first, flags, b2, b3, lengths, lun, itt) + tail
+    if ahs:
+        head += ahs
     if digests.header:
         head += _digest(head)
     if not dlen:

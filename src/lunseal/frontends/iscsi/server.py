@@ -225,9 +225,14 @@ class IscsiConnection(asyncio.BufferedProtocol):
         work, conn.work = conn.work, []
         batch: list[CommandWork] = []
         batch_lun: Lun | None = None
+        found: dict[int, Lun | None] = {}  # one lookup per LUN per receive
         for item in work:
-            lun = self._lun_of(item)
-            if batch and lun is not batch_lun:
+            number = item.task.lun if isinstance(item, CommandWork) else item.lun
+            if number not in found:
+                found[number] = self._lun_of(number)
+            lun = found[number]
+            if batch and (lun is not batch_lun or isinstance(item, TmfWork)):
+                # A TMF runs after every command queued before it on that worker.
                 self._submit(batch_lun, batch)
                 batch = []
             if isinstance(item, TmfWork):
@@ -238,11 +243,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if batch:
             self._submit(batch_lun, batch)
 
-    def _lun_of(self, item: CommandWork | TmfWork) -> Lun | None:
+    def _lun_of(self, number: int) -> Lun | None:
         conn = self.conn
         assert conn is not None
         assert conn.nexus is not None
-        number = item.task.lun if isinstance(item, CommandWork) else item.lun
         if number < 0:
             return None
         return self.server.target.lun(conn.nexus, number)
