@@ -110,6 +110,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             portal=_address(transport.get_extra_info("sockname")),
             new_tsih=server.new_tsih,
         )
+        self.conn.peer = self.peer
         self._timers.append(self._loop.call_later(server.login_timeout, self._login_expired))
         self._keepalive = self._loop.call_later(server.keepalive, self._keepalive_tick)
         log.debug("iSCSI connection from %s", self.peer)

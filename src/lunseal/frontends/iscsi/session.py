@@ -192,6 +192,8 @@ class Connection:
         self.closing = False
         #: Why the connection is closing (for the log).
         self.reason = ""
+        #: Who is at the other end, for log lines (the server sets it).
+        self.peer = "?"
         self.statsn = secrets.randbelow(1 << 31)
         self.exp_cmdsn = 0
         self.tasks: dict[int, Task] = {}
@@ -478,7 +480,7 @@ class Connection:
         """A Data-Out out of sequence: Reject it and end its task, which the
         initiator then fails (ERL 0 recovers nothing within a command).  The
         connection and the other tasks carry on."""
-        log.warning("%s; rejecting it and aborting the command", why)
+        log.warning("iSCSI initiator %s: %s; rejecting it and aborting the command", self.peer, why)
         self._reject(p.REJECT_PROTOCOL_ERROR, pdu.bhs)
         if task is not None:
             self._abort(task)
