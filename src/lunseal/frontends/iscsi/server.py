@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: Unsent bytes plus data in flight above which a connection stops reading.
 QUEUE_CAP = 32 << 20
+#: Commands, and bytes of their data, handed to a worker in one job at most.
+MAX_BATCH = 64
+BATCH_BYTES = 4 << 20
 WRITE_HIGH_WATER = 8 << 20
 WRITE_LOW_WATER = 2 << 20
 SOCKET_BUFFER = 4 << 20
@@ -73,6 +76,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._inflight_bytes = 0
         self._inflight = 0
+        #: The most bytes this connection ever had queued (for tests and stats).
+        self.peak_queued = 0
         self._reading_paused = False
         self._write_paused = False
         self._closed = False
@@ -158,15 +163,21 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     # -- processing -------------------------------------------------------------------
 
-    def _backlogged(self) -> bool:
+    @property
+    def queued_bytes(self) -> int:
+        """Unsent bytes plus the data of commands in flight."""
         buffered = self.transport.get_write_buffer_size() if self.transport else 0
-        return self._write_paused or buffered + self._inflight_bytes > QUEUE_CAP
+        return buffered + self._inflight_bytes
+
+    def _backlogged(self) -> bool:
+        return self._write_paused or self.queued_bytes > QUEUE_CAP
 
     def _process(self) -> None:
         conn = self.conn
         if conn is None or self._closed:
             return
         was_full_feature = conn.full_feature
+        pending = 0  # data the commands parsed since the last hand-off stand for
         try:
             while not conn.closing and not self._backlogged():
                 pdu = conn.decoder.next_pdu()
@@ -176,8 +187,12 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 if conn.full_feature and not was_full_feature:
                     was_full_feature = True
                     self._logged_in()
-                if len(conn.work) >= 64:
+                if pdu.opcode == p.SCSI_COMMAND:
+                    pending += pdu.u32(20)
+                if len(conn.work) >= MAX_BATCH or pending >= BATCH_BYTES:
+                    # Hand off now, so what is in flight counts for backpressure.
                     self._run_work()
+                    pending = 0
         except p.PduError as exc:
             conn.fail(exc.message, exc.reject_reason, exc.header)
         except Exception:  # a bug must cost this connection only, never the target
@@ -210,6 +225,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if conn.out:
             out, conn.out = conn.out, []
             self.transport.writelines(out)
+            self.peak_queued = max(self.peak_queued, self.queued_bytes)
         if conn.closing and not self.transport.is_closing():
             if conn.reason and conn.reason != "logout":
                 log.warning("iSCSI connection from %s: %s; closing it", self.peer, conn.reason)
@@ -257,6 +273,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         cost = sum(w.task.edtl for w in batch)
         self._inflight += 1
         self._inflight_bytes += cost
+        self.peak_queued = max(self.peak_queued, self.queued_bytes)
         items = list(batch)
 
         def job() -> list[ScsiResult]:
