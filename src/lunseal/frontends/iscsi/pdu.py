@@ -115,6 +115,7 @@ _BHS_HEAD = struct.Struct(">BBBBI8sI")  # opcode, flags, b2, b3, ahs words+dlen,
 _BHS_WORDS = struct.Struct(">BBBBI8sI7I")  # the same and bytes 20..47 as seven words
 
 _INITIAL_BUFFER = 64 << 10
+_NO_LUN = bytes(8)
 
 
 class PduError(ProtocolError):
@@ -410,22 +411,24 @@ def build(
     digests: Digests = NO_DIGESTS,
 ) -> bytes:
     """One whole PDU as bytes (see :func:`build_parts`)."""
-    return b"".join(
-        build_parts(
-            opcode,
-            flags,
-            immediate=immediate,
-            b2=b2,
-            b3=b3,
-            lun=lun,
-            itt=itt,
-            words=words,
-            tail=tail,
-            ahs=ahs,
-            data=data,
-            digests=digests,
-        )
+    parts = build_parts(
+        opcode,
+        flags,
+        immediate=immediate,
+        b2=b2,
+        b3=b3,
+        lun=lun,
+        itt=itt,
+        words=words,
+        tail=tail,
+        ahs=ahs,
+        data=data,
+        digests=digests,
     )
+    head = parts[0]
+    if len(parts) == 1 and isinstance(head, bytes):
+        return head  # no data segment: nothing to join
+    return b"".join(parts)
 
 
 def _u16pair(a: int, b: int) -> int:
@@ -482,6 +485,38 @@ def scsi_response(
         data=data,
         digests=digests,
     )
+
+
+def scsi_status(
+    itt: int,
+    status: int,
+    statsn: int,
+    exp_cmdsn: int,
+    max_cmdsn: int,
+    residual_flags: int,
+    residual: int,
+    exp_datasn: int,
+    digests: Digests,
+) -> bytes:
+    """A SCSI Response without sense data, built in one pack: the hot path of
+    every command that moves no data-in (writes above all)."""
+    head = _BHS_WORDS.pack(
+        SCSI_RESPONSE,
+        F_FINAL | residual_flags,
+        0,
+        status,
+        0,
+        _NO_LUN,
+        itt,
+        0,
+        statsn,
+        exp_cmdsn,
+        max_cmdsn,
+        exp_datasn,
+        0,
+        residual,
+    )
+    return head + _digest(head) if digests.header else head
 
 
 def task_mgmt_response(

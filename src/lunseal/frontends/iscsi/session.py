@@ -341,15 +341,16 @@ class Connection:
         if not self._accept_cmdsn(pdu):
             return
         number = p.lun_number(pdu.lun_field)
-        task = Task(
-            itt=pdu.itt,
-            lun=-1 if number is None else number,
-            lun_field=pdu.lun_field,
-            cdb=pdu.bhs[32:48],
-            edtl=pdu.u32(20),
-            read=bool(pdu.flags & p.F_READ),
-            write=bool(pdu.flags & p.F_WRITE),
-            cmdsn=pdu.cmdsn,
+        flags = pdu.flags
+        task = Task(  # positional: this runs once per command on the event loop
+            pdu.itt,
+            -1 if number is None else number,
+            pdu.lun_field,
+            pdu.bhs[32:48],
+            pdu.u32(20),
+            bool(flags & p.F_READ),
+            bool(flags & p.F_WRITE),
+            pdu.cmdsn,
         )
         if pdu.data and (not task.write or not self.params.immediate_data):
             self.fail(
@@ -542,16 +543,33 @@ class Connection:
         datasn = self._send_data_in(task, view[:send], result, flags, residual)
         if datasn < 0:
             return  # status went in the last Data-In
+        if result.status == CHECK_CONDITION and result.sense:
+            self.out.append(
+                p.scsi_response(
+                    itt=task.itt,
+                    status=result.status,
+                    residual_flags=flags,
+                    residual=residual,
+                    sense=result.sense,
+                    exp_datasn=datasn + task.r2tsn,
+                    digests=self.digests,
+                    **self._status_sns(),
+                )
+            )
+            return
+        statsn = self.statsn
+        self.statsn = (statsn + 1) % SERIAL
         self.out.append(
-            p.scsi_response(
-                itt=task.itt,
-                status=result.status,
-                residual_flags=flags,
-                residual=residual,
-                sense=result.sense if result.status == CHECK_CONDITION else b"",
-                exp_datasn=datasn + task.r2tsn,
-                digests=self.digests,
-                **self._status_sns(),
+            p.scsi_status(
+                task.itt,
+                result.status,
+                statsn,
+                self.exp_cmdsn,
+                self.max_cmdsn,
+                flags,
+                residual,
+                datasn + task.r2tsn,
+                self.digests,
             )
         )
 
