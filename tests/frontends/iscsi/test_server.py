@@ -419,3 +419,20 @@ def test_a_client_that_never_reads_is_bounded_and_others_carry_on(served: Served
         assert served.call(lambda: conn.peak_queued) <= cap
         hog.close()
         served.wait_connections(1)
+
+
+def test_an_acl_change_closes_sessions_that_lost_their_access(served: Served) -> None:
+    keep = served.initiator("iqn.2026-12.test:keep")
+    lose = served.initiator("iqn.2026-12.test:lose")
+    try:
+        served.acl.entries = {"iqn.2026-12.test:keep": InitiatorAccess()}
+        served.call(served.server.access_changed)
+        served.wait_connections(1)
+        with pytest.raises(IscsiError):
+            lose.command(0, TUR)
+        assert keep.command(0, TUR).status == GOOD  # same access as before: kept
+        with pytest.raises(LoginRefused):
+            served.initiator("iqn.2026-12.test:lose")
+    finally:
+        keep.close()
+        lose.close()

@@ -453,6 +453,23 @@ class IscsiServer:
             old.abort()
         self.sessions[key] = connection
 
+    def access_changed(self) -> None:
+        """The ACL changed: a session whose initiator would now log in with
+        other access (or not at all) is closed, so the change applies at once;
+        the initiator logs in again under the new rules."""
+        for connection in list(self.connections):
+            conn = connection.conn
+            if conn is None or not conn.full_feature:
+                continue
+            now = self.policy.login(conn.login.initiator_name)
+            if now != conn.login.access:
+                log.info(
+                    "iSCSI session of %s from %s closed: its access changed",
+                    conn.login.initiator_name,
+                    connection.peer,
+                )
+                connection.abort()
+
     def forget(self, connection: IscsiConnection) -> None:
         if connection.conn is None:
             return
