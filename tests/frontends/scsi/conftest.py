@@ -18,8 +18,12 @@ MiB = 1 << 20
 TARGET = "iqn.2026-12.test:lunseal.t"
 
 
-def nexus(name: str = "iqn.2026-12.test:host1", isid: str = "0x23d000000001", **kw: object) -> Nexus:
-    return Nexus(name, f"{name},i,{isid}", f"{TARGET},t,0x0001", **kw)  # type: ignore[arg-type]
+def nexus(
+    name: str = "iqn.2026-12.test:host1",
+    isid: str = "0x23d000000001",
+    access: LunAccess | None = None,
+) -> Nexus:
+    return Nexus(name, f"{name},i,{isid}", f"{TARGET},t,0x0001", access or LunAccess())
 
 
 @dataclass
@@ -75,7 +79,3 @@ def scsi(tmp_path: Path) -> Iterator[Scsi]:
         yield s
     finally:
         arrays.close()
-
-
-def access(**kw: object) -> LunAccess:
-    return LunAccess(**kw)  # type: ignore[arg-type]

@@ -48,6 +48,8 @@ from lunseal.frontends.scsi.interface import (
 )
 
 log = logging.getLogger(__name__)
+#: Every PDU header received, at debug level (off by default: it is per PDU).
+_TRACE = logging.getLogger("lunseal.frontends.iscsi.trace")
 
 #: Commands an initiator may have outstanding (the CmdSN window).
 QUEUE_DEPTH = 128
@@ -83,8 +85,6 @@ def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
     return bytes([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0])
 
 
-#: EDTL differs from what the CDB transfers (SPC-4: INVALID FIELD IN INFORMATION UNIT).
-SENSE_EDTL_MISMATCH = fixed_sense(ILLEGAL_REQUEST, 0x0E, 0x03)
 SENSE_TOO_LONG = fixed_sense(ILLEGAL_REQUEST, 0x24, 0x00)
 
 
@@ -118,12 +118,13 @@ class Task:
     read: bool
     write: bool
     cmdsn: int
-    #: Data-out bytes the command is executed with.
+    #: Data-out bytes the command is executed with: what the CDB asks for,
+    #: truncated to the EDTL (RFC 7143 11.4.5.1).
     want: int = 0
-    #: Data-out bytes the CDB asks for (differs from ``want`` on a mismatch).
+    #: Data-out bytes the CDB asks for (the residual is counted against it).
     cdb_want: int = 0
-    #: EDTL and the CDB disagree: take the data, answer with CHECK CONDITION.
-    mismatch: bool = False
+    #: More data-out than :data:`MAX_TRANSFER`: answered without running it.
+    too_long: bool = False
     buf: bytearray | None = None
     #: Data that arrived before the buffer was granted (immediate and unsolicited).
     early: list[tuple[int, bytes]] = field(default_factory=list)
@@ -227,6 +228,8 @@ class Connection:
     def receive(self, pdu: p.Pdu) -> None:
         if self.closing:
             return
+        if _TRACE.isEnabledFor(logging.DEBUG):
+            _TRACE.debug("PDU in: %s", pdu.bhs.hex())
         self._ping_ttt = None  # any PDU shows the initiator is alive
         if not self.full_feature:
             self._login_pdu(pdu)
@@ -354,17 +357,20 @@ class Connection:
             )
             return
         self.tasks[task.itt] = task
+        assert self.nexus is not None
+        if task.lun >= 0:
+            # Asked even without the W bit: a data-out command sent without it
+            # has all its data as overflow residual.
+            task.cdb_want = self.target.data_out_length(self.nexus, task.lun, task.cdb)
         if not task.write:
             self._dispatch(task)
             return
         self._start_write(task, pdu)
 
     def _start_write(self, task: Task, pdu: p.Pdu) -> None:
-        assert self.nexus is not None
-        want = self.target.data_out_length(self.nexus, task.lun, task.cdb) if task.lun >= 0 else 0
-        task.cdb_want = want
-        task.mismatch = want != task.edtl or task.edtl > MAX_TRANSFER
-        task.want = 0 if task.mismatch else want
+        task.want = min(task.cdb_want, task.edtl)
+        if task.want > MAX_TRANSFER:
+            task.too_long, task.want = True, 0
         unsolicited = 0 if self.params.initial_r2t else self.params.first_burst
         task.unsolicited_end = min(task.edtl, max(unsolicited, len(pdu.data)))
         task.in_unsolicited = not pdu.final and not self.params.initial_r2t
@@ -389,7 +395,7 @@ class Connection:
 
     def _store(self, task: Task, offset: int, data: bytes) -> None:
         if offset >= task.want:
-            return  # beyond what the command uses (a mismatched EDTL): dropped
+            return  # beyond what the command uses (EDTL above the CDB's length): dropped
         data = data[: task.want - offset]
         if task.buf is None:
             task.early.append((offset, data))
@@ -398,14 +404,9 @@ class Connection:
 
     def _next_step(self, task: Task) -> None:
         """After a data sequence ended: execute, or ask for the next burst."""
-        target_len = task.edtl if task.mismatch else task.want
-        if task.mismatch:
-            # Nothing of it will be used: answer now rather than solicit data.
-            self._dispatch(task)
-            return
         if task.buf is None and task.want:
             return  # waiting for a buffer; _release grants it and comes back here
-        if task.received >= target_len:
+        if task.received >= task.want:
             self._dispatch(task)
             return
         length = min(self.params.max_burst, task.want - task.received)
@@ -432,58 +433,51 @@ class Connection:
     def _data_out(self, pdu: p.Pdu) -> None:
         task = self.tasks.get(pdu.itt)
         if task is None or task.dispatched:
-            if pdu.itt in self._aborted:
-                return  # the rest of an aborted command's data
-            self.fail(
-                f"Data-Out for unknown task 0x{pdu.itt:08x}", p.REJECT_PROTOCOL_ERROR, pdu.bhs
-            )
+            if pdu.itt not in self._aborted:  # else: the rest of an aborted command's data
+                self._bad_data_out(None, f"Data-Out for no task (ITT 0x{pdu.itt:08x})", pdu)
             return
         ttt, offset, datasn = pdu.ttt, pdu.u32(40), pdu.u32(36)
         if task.in_unsolicited:
             ok_ttt, end = ttt == p.RESERVED_TAG, task.unsolicited_end
         else:
             ok_ttt, end = task.r2t_ttt is not None and ttt == task.r2t_ttt, task.r2t_end
+        why = ""
         if not ok_ttt:
-            self.fail(f"Data-Out with unexpected TTT 0x{ttt:08x}", p.REJECT_PROTOCOL_ERROR, pdu.bhs)
-            return
-        if datasn != task.datasn:
-            self.fail(
-                f"Data-Out DataSN {datasn}, expected {task.datasn}",
-                p.REJECT_PROTOCOL_ERROR,
-                pdu.bhs,
-            )
-            return
-        if offset != task.received or offset + len(pdu.data) > end:
-            self.fail(
-                f"Data-Out at offset {offset} out of order or beyond the burst",
-                p.REJECT_PROTOCOL_ERROR,
-                pdu.bhs,
-            )
+            why = f"Data-Out with unexpected TTT 0x{ttt:08x}"
+        elif datasn != task.datasn:
+            why = f"Data-Out DataSN {datasn}, expected {task.datasn}"
+        elif offset != task.received or offset + len(pdu.data) > end:
+            why = f"Data-Out at offset {offset} out of order or beyond the burst"
+        elif not pdu.final and offset + len(pdu.data) >= end:
+            why = "Data-Out burst complete without the F bit"
+        elif pdu.final and not task.in_unsolicited and offset + len(pdu.data) != end:
+            why = "Data-Out sequence ended short of the R2T"
+        if why:
+            self._bad_data_out(task, why, pdu)
             return
         self._store(task, offset, pdu.data)
         task.received += len(pdu.data)
         task.datasn += 1
-        if not pdu.final:
-            if task.received >= end:
-                self.fail(
-                    "Data-Out burst complete without the F bit", p.REJECT_PROTOCOL_ERROR, pdu.bhs
-                )
-            return
-        if not task.in_unsolicited and task.received != end:
-            self.fail("Data-Out sequence ended short of the R2T", p.REJECT_PROTOCOL_ERROR, pdu.bhs)
-            return
-        task.in_unsolicited = False
-        task.r2t_ttt = None
-        task.datasn = 0
-        self._next_step(task)
+        if pdu.final:
+            task.in_unsolicited = False
+            task.r2t_ttt = None
+            task.datasn = 0
+            self._next_step(task)
+
+    def _bad_data_out(self, task: Task | None, why: str, pdu: p.Pdu) -> None:
+        """A Data-Out out of sequence: Reject it and end its task, which the
+        initiator then fails (ERL 0 recovers nothing within a command).  The
+        connection and the other tasks carry on."""
+        log.warning("%s; rejecting it and aborting the command", why)
+        self._reject(p.REJECT_PROTOCOL_ERROR, pdu.bhs)
+        if task is not None:
+            self._abort(task)
 
     def _dispatch(self, task: Task) -> None:
         assert self.nexus is not None
         task.dispatched = True
-        if task.mismatch:
-            self._complete(
-                task, ScsiResult(status=CHECK_CONDITION, sense=self._mismatch_sense(task))
-            )
+        if task.too_long:
+            self._complete(task, ScsiResult(status=CHECK_CONDITION, sense=SENSE_TOO_LONG))
             return
         data = memoryview(task.buf) if task.buf is not None else b""
         cmd = ScsiCommand(
@@ -494,9 +488,6 @@ class Connection:
             expected_length=task.edtl,
         )
         self.work.append(CommandWork(task, cmd))
-
-    def _mismatch_sense(self, task: Task) -> bytes:
-        return SENSE_TOO_LONG if task.edtl > MAX_TRANSFER else SENSE_EDTL_MISMATCH
 
     def command_done(self, task: Task, result: ScsiResult) -> None:
         """The command ran: send its data and status (unless it was aborted)."""
@@ -527,7 +518,7 @@ class Connection:
             raise TypeError("file slices are read before they reach the session")
         view = memoryview(data)
         total = view.nbytes if task.produced is None else task.produced
-        if task.write and not task.read:
+        if (task.write or task.cdb_want) and not task.read:
             total = task.cdb_want
             send = 0
         else:

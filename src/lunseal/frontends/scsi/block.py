@@ -29,6 +29,7 @@ from lunseal.frontends.scsi.sense import (
     lba_out_of_range,
     miscompare,
     param_length_error,
+    short_data_out,
     write_protected,
 )
 
@@ -55,9 +56,11 @@ def _require_writable(req: Request) -> None:
 
 
 def _data(req: Request, length: int) -> memoryview:
-    """The first ``length`` bytes of data-out; fewer mean the initiator sent too little."""
+    """The first ``length`` bytes of data-out.  Fewer mean the initiator's expected
+    transfer length was shorter than the CDB's: the command is refused whole
+    (FCP-4/SAM-5 allow that or a partial write; refusing writes nothing)."""
     if len(req.data_out) < length:
-        raise param_length_error(f"{length} bytes of data expected, {len(req.data_out)} sent")
+        raise short_data_out(length, len(req.data_out))
     return req.data_out[:length]
 
 

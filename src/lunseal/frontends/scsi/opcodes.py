@@ -53,8 +53,13 @@ def _usage(op: int, *masks: int) -> bytes:
     return bytes((op, *masks))
 
 
-def _param_list(start: int, end: int) -> Callable[[bytes], int]:
-    return lambda cdb: be(cdb, start, end)
+#: The most PERSISTENT RESERVE OUT parameter data taken in: a register with
+#: transport IDs is far smaller; a longer list is refused by the store anyway.
+PR_OUT_MAX = 8192
+
+
+def _pr_out_length(cdb: bytes) -> int:
+    return min(be(cdb, 5, 9), PR_OUT_MAX)
 
 
 def _table() -> list[Command]:
@@ -151,7 +156,7 @@ def _table() -> list[Command]:
             "PERSISTENT RESERVE OUT",
             _usage(0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 7),
             Kind.RESERVATION,
-            data_out=_param_list(5, 9),
+            data_out=_pr_out_length,
         ),
         Command(
             0x89,

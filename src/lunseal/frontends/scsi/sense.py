@@ -127,6 +127,17 @@ def param_length_error(why: str = "") -> SenseError:
     )
 
 
+def short_data_out(wanted: int, got: int) -> SenseError:
+    # INVALID FIELD IN COMMAND INFORMATION UNIT: the transport's expected length
+    # and the CDB disagree.
+    return SenseError(
+        f"the CDB asks for {wanted} bytes of data, the initiator sent {got}",
+        ILLEGAL_REQUEST,
+        0x0E,
+        0x03,
+    )
+
+
 def lba_out_of_range(lba: int, blocks: int) -> SenseError:
     return SenseError(
         f"LBA {lba}+{blocks} is beyond the end of the medium", ILLEGAL_REQUEST, 0x21, 0x00
