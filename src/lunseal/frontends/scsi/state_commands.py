@@ -351,7 +351,7 @@ def decode_token_report(data: bytes) -> TokenReport:
     mode = MODES_BY_CODE.get(mode_code)
     if mode is None or 4 + t > len(body):
         raise InvalidArgument("READ TOKEN data is malformed")
-    token = body[4 : 4 + t].decode() or None
+    token = _text(body[4 : 4 + t]) or None
     holds, i = [], 4 + t
     while i < len(body):
         if i + 8 > len(body):
@@ -359,8 +359,8 @@ def decode_token_report(data: bytes) -> TokenReport:
         n, k, exponent = struct.unpack_from(">HHB", body, i)
         if i + 8 + n + k > len(body):
             raise InvalidArgument("READ TOKEN hold descriptor is truncated")
-        name = body[i + 8 : i + 8 + n].decode()
-        tok = body[i + 8 + n : i + 8 + n + k].decode()
+        name = _text(body[i + 8 : i + 8 + n])
+        tok = _text(body[i + 8 + n : i + 8 + n + k])
         holds.append(HoldToken(name, tok, (1 << exponent) if exponent else None))
         i += 8 + n + k
     return TokenReport(bool(flags & 1), bool(flags & 2), mode, token, holds)
@@ -380,9 +380,16 @@ def decode_check_report(data: bytes) -> CheckReport:
     result, r, c = struct.unpack_from(">BxHH", body)
     if result > 1 or 8 + r + c > len(body):
         raise InvalidArgument("REPORT CHECK RESULT data is malformed")
-    reason = body[8 : 8 + r].decode()
-    current = body[8 + r : 8 + r + c].decode() or None
+    reason = _text(body[8 : 8 + r])
+    current = _text(body[8 + r : 8 + r + c]) or None
     return CheckReport(result == 0, reason, current)
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument("state command data holds a string that is not UTF-8") from None
 
 
 def _body(data: bytes) -> bytes:
