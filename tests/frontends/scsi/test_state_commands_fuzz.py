@@ -9,6 +9,7 @@ answers with, the host's decoders return a report or raise InvalidArgument.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -78,7 +79,7 @@ def test_execute_never_raises(array: Array, cdb: bytes, data: bytes) -> None:
     # Whatever holds a run acquired, the next runs start from none.
     tracker = sc.tracker_of(lun)
     for name in list(tracker.holds):
-        lun.run(lambda name=name: tracker.release(name))
+        lun.run(functools.partial(tracker.release, name))
 
 
 @FUZZ
