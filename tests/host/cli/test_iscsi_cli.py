@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from lunseal.host.iscsi.initiator import Initiator
 from tests.interop.helpers import lun_io as qemu_io
 from tests.support.cli import cli, lunseal, ok, one_line_error
 from tests.support.daemon import Daemon
@@ -233,4 +234,25 @@ def test_state_in_band_with_chap(
         assert "initiator not allowed" in one_line_error(result, 1)
     finally:
         ok(cli_daemon, "iscsi", "deny", host)
+    ok(cli_daemon, "state", "disable", url)
+
+
+def test_a_write_over_iscsi_changes_the_token_read_in_band(
+    cli_daemon: Daemon, numbered: tuple[str, str]
+) -> None:
+    name, url = numbered
+    token = ok(cli_daemon, "state", "enable", url).strip()
+    number = int(url.rsplit("/", 1)[1])
+    with Initiator.connect("127.0.0.1", cli_daemon.iscsi_port) as ini:
+        ini.login(cli_daemon.iscsi_target)
+        write10 = bytes([0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0])
+        for _ in range(4):  # past the new session's unit attention
+            r = ini.command(number, write10, data_out=b"\x11" * 512)
+            if r.status == 0:
+                break
+        assert r.status == 0, r.sense.hex()
+    result = cli(cli_daemon, "state", "check", url, token)
+    assert result.returncode == 1, result.stderr
+    assert "written" in result.stdout
+    assert ok(cli_daemon, "state", "get", url) == ok(cli_daemon, "state", "get", name)
     ok(cli_daemon, "state", "disable", url)
