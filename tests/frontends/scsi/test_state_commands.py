@@ -241,6 +241,8 @@ def test_parameter_list_too_long_or_short(lun: Lun) -> None:
     assert field_pointer(result) == (True, 6, 7)
     result = run(lun, sc.state_out_cdb(sc.OutAction.ACQUIRE_HOLD, 4), b"\0" * 4)
     assert sense_of(result) == (sc.ILLEGAL_REQUEST, 0x1A, 0)
+    result = run(lun, sc.state_out_cdb(sc.OutAction.ACQUIRE_HOLD, 20), sc.string_parameters("ab"))
+    assert sense_of(result) == (sc.ILLEGAL_REQUEST, 0x0E, 0x03)  # less data than announced
     params = bytes([0, 0, 0, 0, 0, 9, 0, 0]) + b"ab"  # claims 9 bytes of name
     assert sense_of(out(lun, sc.OutAction.ACQUIRE_HOLD, params))[1] == 0x1A
 

@@ -86,6 +86,7 @@ ASC_INVALID_COMMAND = 0x20
 ASC_INVALID_FIELD_IN_CDB = 0x24
 ASC_INVALID_FIELD_IN_PARAMETERS = 0x26
 ASC_NOT_READY = 0x04
+ASC_INVALID_FIELD_IN_IU = 0x0E
 ASC_INTERNAL_FAILURE = 0x44
 #: Vendor-specific additional sense codes (SPC-4 reserves 80h-FFh for vendors).
 ASC_STATE = 0x80
@@ -270,10 +271,15 @@ def _parameters(cdb: StateCdb, data: bytes) -> tuple[bytes, str]:
     """The header and the string of a STATE OUT parameter list."""
     if cdb.length > MAX_PARAMETER_LENGTH:
         raise _cdb_field(6, 7, f"parameter list length {cdb.length} exceeds {MAX_PARAMETER_LENGTH}")
-    if cdb.length < HEADER or len(data) < cdb.length:
-        raise _length_error(
-            f"parameter list of {min(len(data), cdb.length)} bytes; at least {HEADER} needed"
+    if cdb.length < HEADER:
+        raise _length_error(f"parameter list of {cdb.length} bytes; at least {HEADER} needed")
+    if len(data) < cdb.length:
+        # The transport's expected length and the CDB disagree (as for WRITE).
+        message = (
+            f"the CDB announces {cdb.length} bytes of parameters, the initiator sent {len(data)}"
         )
+        sense = sense_data(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_IU, 0x03, message=message)
+        raise StateCommandError(sense, message)
     data = data[: cdb.length]
     (n,) = struct.unpack_from(">H", data, 4)
     if HEADER + n > len(data):
