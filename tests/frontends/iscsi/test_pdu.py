@@ -315,3 +315,10 @@ def test_buffer_is_bounded_while_drained() -> None:
             seen += 1
         assert dec.capacity <= dec.max_pdu_size() + (128 << 10)
     assert seen == 8
+
+
+def test_login_status_class_and_detail_land_in_bytes_36_and_37() -> None:
+    wire = p.login_response(
+        flags=0, isid=bytes(6), tsih=0, itt=1, status_class=0x02, status_detail=0x01, **SN
+    )
+    assert wire[36:38] == b"\x02\x01"

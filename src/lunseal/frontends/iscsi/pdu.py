@@ -485,7 +485,7 @@ def login_response(
         b3=version_active,
         lun=isid + tsih.to_bytes(2, "big"),
         itt=itt,
-        words=(0, statsn, exp_cmdsn, max_cmdsn, status_class << 24 | status_detail << 16),
+        words=(0, statsn, exp_cmdsn, max_cmdsn, ((status_class << 8) | status_detail) << 16),
         data=data,
     )
 

@@ -177,6 +177,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     self._run_work()
         except p.PduError as exc:
             conn.fail(exc.message, exc.reject_reason, exc.header)
+        except Exception:  # a bug must cost this connection only, never the target
+            log.exception("iSCSI connection from %s: internal error; closing it", self.peer)
+            self.abort()
+            return
         self._run_work()
         self._flush()
         if not self._closed and not conn.closing and self._backlogged():

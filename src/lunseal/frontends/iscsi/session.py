@@ -19,7 +19,10 @@ has more than :data:`QUEUE_DEPTH` commands outstanding.
 Write data arrives as immediate data, unsolicited Data-Out (up to
 FirstBurstLength) and solicited Data-Out (R2T, one outstanding per task,
 MaxBurstLength each); every Data-Out is checked (TTT, DataSN, buffer offset,
-F bit) and any error ends the connection (ErrorRecoveryLevel 0).  Memory is
+F bit).  One out of sequence is rejected and ends its task, which the
+initiator then fails (ErrorRecoveryLevel 0 recovers nothing within a
+command); the connection and its other tasks go on.  A PDU that cannot be
+framed ends the connection (the server's business).  Memory is
 bounded: a task's buffer is at most :data:`MAX_TRANSFER` bytes, and tasks
 beyond :data:`DATA_OUT_BUDGET` bytes of buffers wait for their R2T.
 """

@@ -65,7 +65,8 @@ def parse_url(url: str) -> IscsiUrl:
         raise InvalidArgument(f"an iSCSI URL needs /IQN/LUN after the portal: {url!r}")
     user, secret = "", ""
     if parts.username:
-        user, _, secret = unquote(parts.username).partition("%")
+        # libiscsi's form: the first '%' separates user and secret, taken as they are.
+        user, _, secret = parts.username.partition("%")
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
