@@ -134,6 +134,8 @@ def test_changing_an_entry_ends_its_sessions(daemon: Daemon) -> None:
     with session(daemon) as ini, session(daemon, "iqn.2026-12.test.acl:bystander") as other:
         assert luns_seen(ini) == [0, 1, 2]
         assert luns_seen(other) == [0, 1, 2]
+        allow(daemon)  # the same again: nothing changes, the session carries on
+        assert luns_seen(ini) == [0, 1, 2]
         allow(daemon, luns={"two": "ro"})  # it logged in seeing everything read-write
         with pytest.raises(IscsiError):
             luns_seen(ini)
