@@ -490,31 +490,39 @@ def _who(cmd: ScsiCommand) -> str:
 
 def _run(lun: Lun, cmd: ScsiCommand, cdb: StateCdb) -> bytes:
     tracker = tracker_of(lun)
-    if cdb.opcode == STATE_IN:
-        if cdb.action == InAction.READ_TOKEN:
-            return encode_token_report(token_report(tracker))
-        return encode_check_report(_stored_result(lun, cmd, cdb))
+    if cdb.opcode == STATE_OUT:
+        _state_out(tracker, cmd, cdb)
+        return b""
+    if cdb.action == InAction.READ_TOKEN:
+        return encode_token_report(token_report(tracker))
+    return encode_check_report(_stored_result(lun, cmd, cdb))
+
+
+def _state_out(tracker: StateTracker, cmd: ScsiCommand, cdb: StateCdb) -> None:
+    lun = tracker.lun
     head, text = _parameters(cdb, bytes(cmd.data_out))
     if cdb.action == OutAction.ACQUIRE_HOLD:
         req = _hold_request(head, text)
         tracker.acquire(req.name, mode=req.mode, granularity=req.granularity)
         log.info("LUN %s: hold %r acquired in-band by %s", lun.name, req.name, _who(cmd))
-    elif cdb.action == OutAction.RELEASE_HOLD:
-        if any(head):
-            raise _param_field(next(i for i, b in enumerate(head) if b), 7, "reserved byte set")
-        tracker.release(text or DEFAULT_HOLD)
-        log.info("LUN %s: hold %r released in-band by %s", lun.name, text, _who(cmd))
-    else:
-        if any(head):
-            raise _param_field(next(i for i, b in enumerate(head) if b), 7, "reserved byte set")
-        outcome = tracker.check(text)
-        log.info(
-            "LUN %s: token checked in-band by %s: intact=%s", lun.name, _who(cmd), outcome.intact
-        )
-        RESULTS.put(
-            _result_key(lun, cmd, cdb), CheckReport(outcome.intact, outcome.reason, outcome.current)
-        )
-    return b""
+        return
+    _no_fields(head)
+    if cdb.action == OutAction.RELEASE_HOLD:
+        name = text or DEFAULT_HOLD
+        tracker.release(name)
+        log.info("LUN %s: hold %r released in-band by %s", lun.name, name, _who(cmd))
+        return
+    outcome = tracker.check(text)
+    log.info("LUN %s: token checked in-band by %s: intact=%s", lun.name, _who(cmd), outcome.intact)
+    report = CheckReport(outcome.intact, outcome.reason, outcome.current)
+    RESULTS.put(_result_key(lun, cmd, cdb), report)
+
+
+def _no_fields(head: bytes) -> None:
+    """RELEASE HOLD and CHECK TOKEN use none of the header's first four bytes."""
+    for i, byte in enumerate(head):
+        if byte:
+            raise _param_field(i, 7, f"reserved byte {i} of the parameter list is not zero")
 
 
 def token_report(tracker: StateTracker) -> TokenReport:
