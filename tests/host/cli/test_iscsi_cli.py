@@ -141,6 +141,13 @@ def test_state_in_band_matches_the_api_and_sees_nbd_writes(
     assert token.startswith("lst1.")
     assert ok(cli_daemon, "state", "get", name).strip() == token  # the API's token
     assert ok(cli_daemon, "state", "get", url).strip() == token
+    got = ok_json(cli_daemon, "state", "get", url)
+    assert (got["url"], got["token"], got["holds"], got["tracking"]) == (
+        url,
+        token,
+        ["backup"],
+        True,
+    )
     holds = ok_json(cli_daemon, "state", "holds", name)
     assert [(h["name"], h["token"]) for h in holds] == [("backup", token)]
     assert ok(cli_daemon, "state", "check", url, token).startswith("intact:")
