@@ -60,6 +60,8 @@ QUEUE_DEPTH = 128
 MAX_TRANSFER = 32 << 20
 #: Data-out buffer bytes a connection holds at most (one larger command always runs).
 DATA_OUT_BUDGET = 64 << 20
+#: Text a request may spread over continued PDUs before it is refused.
+MAX_TEXT = 64 << 10
 #: ITTs of aborted tasks remembered so their late Data-Out is ignored, not an error.
 ABORTED_MEMORY = 256
 SERIAL = 1 << 32
@@ -657,7 +659,7 @@ class Connection:
         if not self._accept_cmdsn(pdu):
             return
         self._text += pdu.data
-        if len(self._text) > login_text_limit():
+        if len(self._text) > MAX_TEXT:
             self.fail("text request too long", p.REJECT_PROTOCOL_ERROR, pdu.bhs)
             return
         if not pdu.final:
@@ -801,10 +803,6 @@ class Connection:
         )
         self.reason = "logout"
         self.closing = True
-
-
-def login_text_limit() -> int:
-    return 64 << 10
 
 
 def _residual(total: int, edtl: int) -> tuple[int, int]:
