@@ -160,3 +160,11 @@ def test_libiscsi_tools_with_chap(daemon: Daemon, tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
     assert "lunseal" in good.stdout.lower()
     assert inq("lib%wrong-secret-000").returncode != 0
+
+
+def test_the_first_entry_closes_the_target_to_sessions_already_open(daemon: Daemon) -> None:
+    with session(daemon, "iqn.2026-12.test.acl:early") as early:
+        assert luns_seen(early) == [0, 1, 2]
+        allow(daemon)  # someone else: the target is no longer open
+        with pytest.raises(IscsiError):
+            luns_seen(early)
