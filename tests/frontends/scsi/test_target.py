@@ -167,7 +167,7 @@ def test_vendor_opcodes_go_to_the_state_commands_hook(scsi: Scsi) -> None:
         seen.append(bytes(cmd.cdb))
         return ScsiResult(data=b"state")
 
-    scsi.target.vendor = VendorCommands(execute, lambda cdb: 7)
+    scsi.target.vendor = VendorCommands(execute, lambda cdb: 7, lambda i, t: None)
     cdb = bytes((0xC5,)) + bytes(15)
     assert scsi.good(cdb) == b"state"
     assert seen == [cdb]
@@ -175,6 +175,19 @@ def test_vendor_opcodes_go_to_the_state_commands_hook(scsi: Scsi) -> None:
     scsi.target.vendor = None
     assert_sense(scsi.run(cdb), ILLEGAL_REQUEST, 0x20, 0x00)
     assert scsi.target.data_out_length(scsi.nexus, 0, cdb) == 0
+
+
+def test_the_vendor_commands_hear_when_a_nexus_ends(scsi: Scsi) -> None:
+    """The state commands keep CHECK TOKEN answers per nexus; they must go with it."""
+    gone: list[tuple[str, str]] = []
+    assert scsi.target.vendor is not None
+    scsi.target.vendor = VendorCommands(
+        scsi.target.vendor.execute,
+        scsi.target.vendor.data_out_length,
+        lambda i, t: gone.append((i, t)),
+    )
+    scsi.target.nexus_gone(scsi.nexus)
+    assert gone == [(scsi.nexus.initiator_port, scsi.nexus.target_port)]
 
 
 def test_reservation_commands_are_unknown_without_a_store(scsi: Scsi) -> None:

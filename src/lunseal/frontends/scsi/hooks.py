@@ -3,20 +3,19 @@
 * Reservations (``reservations.py``): a :class:`ReservationStore` decides
   whether a command conflicts with a reservation and runs PERSISTENT RESERVE
   IN/OUT, RESERVE(6) and RELEASE(6).
-* The in-band state commands (``state_commands.py``): a module with
-  ``execute(lun, cmd) -> ScsiResult`` (and optionally
-  ``data_out_length(cdb) -> int``) runs operation codes C0h-FFh.  Until that
-  module exists those operation codes are unknown.
+* The in-band state commands (``state_commands.py``) run operation codes
+  C0h-FFh; :class:`VendorCommands` is the seam, so a test can put other
+  vendor commands in their place.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from lunseal.engine.lun import Lun
+from lunseal.frontends.scsi import state_commands
 from lunseal.frontends.scsi.attention import UnitAttentions
 from lunseal.frontends.scsi.interface import Nexus, ScsiCommand, ScsiResult
 
@@ -46,18 +45,12 @@ class ReservationStore(Protocol):
 class VendorCommands:
     execute: Callable[[Lun, ScsiCommand], ScsiResult]
     data_out_length: Callable[[bytes], int]
+    #: The I_T nexus ended (initiator port, target port): drop what it kept.
+    nexus_gone: Callable[[str, str], None]
 
 
-def load_vendor_commands() -> VendorCommands | None:
-    """The state commands' module, if it exists yet."""
-    try:
-        module = importlib.import_module("lunseal.frontends.scsi.state_commands")
-    except ModuleNotFoundError as exc:
-        if exc.name != "lunseal.frontends.scsi.state_commands":
-            raise
-        return None
-    execute = getattr(module, "execute", None)
-    if execute is None:
-        return None
-    length = getattr(module, "data_out_length", None)
-    return VendorCommands(execute, length if length is not None else lambda cdb: 0)
+def state_vendor_commands() -> VendorCommands:
+    """The seed's state commands, as the array's vendor-specific commands."""
+    return VendorCommands(
+        state_commands.execute, state_commands.data_out_length, state_commands.nexus_gone
+    )

@@ -22,7 +22,7 @@ from lunseal.errors import (
 from lunseal.frontends.scsi import inquiry, opcodes
 from lunseal.frontends.scsi.attention import LUN_RESET, TARGET_RESET, UnitAttentions
 from lunseal.frontends.scsi.cdb import Request, be
-from lunseal.frontends.scsi.hooks import ReservationStore, VendorCommands, load_vendor_commands
+from lunseal.frontends.scsi.hooks import ReservationStore, VendorCommands, state_vendor_commands
 from lunseal.frontends.scsi.interface import (
     CHECK_CONDITION,
     RESERVATION_CONFLICT,
@@ -58,7 +58,7 @@ class ScsiTarget:
         self.array = array
         self.reservations = reservations
         self.attentions = UnitAttentions()
-        self.vendor: VendorCommands | None = load_vendor_commands()
+        self.vendor: VendorCommands | None = state_vendor_commands()
 
     # -- LUNs as an initiator sees them ---------------------------------------------
 
@@ -195,6 +195,8 @@ class ScsiTarget:
 
     def nexus_gone(self, nexus: Nexus) -> None:
         self.attentions.forget(nexus.initiator_port)
+        if self.vendor is not None:
+            self.vendor.nexus_gone(nexus.initiator_port, nexus.target_port)
         if self.reservations is not None:
             self.reservations.nexus_gone(nexus)
 
