@@ -196,12 +196,35 @@ def _step4_scsi(db: sqlite3.Connection) -> None:
     )
 
 
+def _step5_access(db: sqlite3.Connection) -> None:
+    """Schema 5: API tokens with roles (stored hashed), the audit trail, and
+    which NBD clients may open which export."""
+    _run(
+        db,
+        """
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, role TEXT NOT NULL,
+            hash TEXT NOT NULL, created_at REAL NOT NULL, last_used REAL);
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
+            action TEXT NOT NULL, target TEXT NOT NULL, result TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '');
+        CREATE INDEX audit_at ON audit (at);
+        CREATE TABLE nbd_export_access (
+            lun_uuid TEXT NOT NULL REFERENCES luns (uuid) ON DELETE CASCADE,
+            client TEXT NOT NULL, read_only INTEGER NOT NULL,
+            PRIMARY KEY (lun_uuid, client))
+        """,
+    )
+
+
 #: Step ``i`` takes the catalog from version ``i`` to ``i + 1``.
 STEPS: tuple[Step, ...] = (
     _step1_tables,
     _step2_text_epochs,
     _step3_foreign_keys,
     _step4_scsi,
+    _step5_access,
 )
 SCHEMA_VERSION = len(STEPS)
 

@@ -148,8 +148,13 @@ def _downgrade_to_schema_1(catalog: Path, epoch: int) -> None:
         (epoch,),
     )
     db.execute("DROP TABLE old")
-    # Schema 4's tables did not exist yet (children before parents).
-    for table in ("iscsi_lun_access", "iscsi_initiators", "scsi_pr_registrations", "scsi_pr_state"):
+    # Tables of later schemas did not exist yet (foreign keys are off here).
+    later = db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "AND name NOT IN ('meta', 'luns', 'lun_state', 'holds', 'mirrors', 'mirror_maps', "
+        "'mirror_intents')"
+    ).fetchall()
+    for (table,) in later:
         db.execute(f"DROP TABLE {table}")
     db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
     db.execute("PRAGMA user_version = 0")  # schema 1 kept its version in meta
