@@ -448,7 +448,13 @@ class Repository:
     @staticmethod
     def _key_blob(storage: Storage, encryption: str, repo_id: str, unlock: Unlock) -> bytes:
         if encryption == "keyfile":
-            return read_key_file(unlock.key_file or default_key_file(repo_id))
+            path = unlock.key_file or default_key_file(repo_id)
+            if not path.exists():
+                raise Unauthorized(
+                    f"archive key file {path} does not exist: give --key-file, set "
+                    "LUNSEAL_KEY_FILE or put an exported key back with lunseal archive key import"
+                )
+            return read_key_file(path)
         try:
             return storage.get(_KEY_OBJECT)
         except NotFound:
