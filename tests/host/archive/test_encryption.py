@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import blake3
@@ -24,8 +25,7 @@ FAST_KDF = {"iterations": 1, "lanes": 1, "memory_kib": 8}
 
 
 def init(path: Path, mode: str = "repokey", passphrase: str = PASS) -> Repository:
-    path.mkdir(parents=True, exist_ok=True)
-    repo, _ = Repository.init(LocalStorage(path), mode, Unlock(passphrase), CS, Kdf.new(**FAST_KDF))
+    repo, _ = Repository.init_local(path, mode, Unlock(passphrase), CS, Kdf.new(**FAST_KDF))
     return repo
 
 
@@ -52,6 +52,13 @@ def plain_chunk(data: bytes) -> tuple[str, bytes]:
     """What someone without the key can make: an unencrypted chunk object, plain id."""
     body = zstandard.ZstdCompressor().compress(data)
     return blake3.blake3(data).hexdigest(), _CHUNK_HEADER.pack(_CHUNK_MAGIC, 1, len(data)) + body
+
+
+@pytest.fixture(autouse=True)
+def private_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Key files and the record of encrypted archives go to the test's own directory."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 @pytest.fixture
@@ -146,8 +153,7 @@ def test_wrong_or_missing_passphrase(arch: Path, repo: Repository) -> None:
         reopen(arch, None)
 
 
-def test_keyfile_mode(arch: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+def test_keyfile_mode(arch: Path, tmp_path: Path) -> None:
     repo = init(arch, "keyfile")
     assert repo.key is not None
     default = default_key_file(repo.key.repository)
@@ -352,11 +358,42 @@ def test_edited_config_is_refused(
     edit: dict[str, object],
     error: type[Exception],
     message: str,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     config = json.loads((arch / "config").read_bytes())
     (arch / "config").write_text(json.dumps({**config, **edit}))
     with pytest.raises(error, match=message):
         reopen(arch)
+
+
+def unencrypted_config(arch: Path) -> None:
+    (arch / "config").write_text(
+        json.dumps({"format": "lunseal-archive", "version": 1, "chunk_size": CS})
+    )
+
+
+def test_downgrade_is_refused_even_without_a_passphrase(arch: Path, repo: Repository) -> None:
+    """The user's own record says this directory held an encrypted archive."""
+    real = backup(repo, [rand()], source="app")
+    unencrypted_config(arch)
+    forge_backup(arch, b"attacker" * (CS // 8), real)
+    with pytest.raises(ArchiveCorrupt, match=r"was encrypted .* is now unencrypted"):
+        Repository.open_local(arch, create=False)
+    with pytest.raises(ArchiveCorrupt, match="forgery"):
+        Repository.open_local(arch)  # as backup create opens it
+
+
+def test_vanished_encrypted_archive_is_not_recreated_in_clear(arch: Path, repo: Repository) -> None:
+    backup(repo, [rand()])
+    shutil.rmtree(arch)
+    with pytest.raises(ArchiveCorrupt, match="is now gone"):
+        Repository.open_local(arch)
+    assert not arch.exists()
+    # A deliberate new start is the user's to make.
+    Repository.init_local(arch, "none", chunk_size=CS)
+    assert Repository.open_local(arch, create=False).key is None
+
+
+def test_other_users_or_unrecorded_paths_keep_working(arch: Path, tmp_path: Path) -> None:
+    plain = Repository.open_local(tmp_path / "plain", chunk_size=CS)
+    backup(plain, [rand()])
+    assert Repository.open_local(tmp_path / "plain", create=False).key is None

@@ -41,6 +41,7 @@ def passphrase(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The helpers pass os.environ on to the lunseal processes."""
     monkeypatch.setenv("LUNSEAL_PASSPHRASE", "tape in the vault")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 def forge(archive: Path, backup_id: str, like: dict[str, object], data: bytes) -> None:

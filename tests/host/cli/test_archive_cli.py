@@ -17,7 +17,12 @@ PASS = "a long passphrase"
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("LUNSEAL_")}
-    return {**base, "LUNSEAL_PASSPHRASE": PASS, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    return {
+        **base,
+        "LUNSEAL_PASSPHRASE": PASS,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "XDG_STATE_HOME": str(tmp_path / "xdg-state"),
+    }
 
 
 def run(env: dict[str, str], *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
@@ -125,3 +130,18 @@ def test_export_of_an_unencrypted_archive(env: dict[str, str], tmp_path: Path) -
     run(env, "archive", "init", plain, "--encryption", "none")
     proc = run(env, "archive", "key", "export", plain, str(tmp_path / "k"), code=2)
     assert "not encrypted" in proc.stderr
+
+
+def test_downgraded_archive_is_refused_without_a_passphrase(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    repo = tmp_path / "tape"
+    run(env, "archive", "init", str(repo), "--encryption", "repokey")
+    config = json.loads((repo / "config").read_text())
+    (repo / "config").write_text(
+        json.dumps({"format": "lunseal-archive", "version": 1, "chunk_size": config["chunk_size"]})
+    )
+    del env["LUNSEAL_PASSPHRASE"]
+    proc = run(env, "archive", "check", str(repo), code=8)
+    assert "was encrypted" in proc.stderr
+    assert "forgery" in proc.stderr

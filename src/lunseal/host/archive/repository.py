@@ -42,6 +42,7 @@ from lunseal.errors import (
     NotSupported,
     Unauthorized,
 )
+from lunseal.host.archive import known
 from lunseal.host.archive.crypto import (
     ENCRYPTION_MODES,
     ArchiveKey,
@@ -337,11 +338,48 @@ class Repository:
         clock: Callable[[], datetime] = _utcnow,
         unlock: Unlock | None = None,
     ) -> Repository:
-        if create and not (unlock and unlock.given):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        elif not path.is_dir():
-            raise NotFound(f"archive directory {path} does not exist")
-        return cls.open(LocalStorage(path), create, chunk_size, clock, unlock)
+        """Open the archive directory ``path``; an archive this user last opened
+        encrypted must still be encrypted (see :mod:`lunseal.host.archive.known`)."""
+        was = known.encrypted_as(path)
+        create = create and was is None
+        try:
+            if create and not (unlock and unlock.given):
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif not path.is_dir():
+                raise NotFound(f"archive directory {path} does not exist")
+            repo = cls.open(LocalStorage(path), create, chunk_size, clock, unlock)
+        except NotFound:
+            if was is None:
+                raise
+            repo = None
+        if repo is None or (repo.key is None and was is not None):
+            state = "gone" if repo is None else "unencrypted"
+            raise ArchiveCorrupt(
+                f"archive {path} was encrypted (repository {was}) when last used and is now "
+                f"{state}: it may have been replaced by a forgery. If you removed it yourself, "
+                f"run lunseal archive init again or delete its line in {known.record_file()}"
+            )
+        if repo.key is not None:
+            known.remember(path, repo.key.repository)
+        return repo
+
+    @classmethod
+    def init_local(
+        cls,
+        path: Path,
+        encryption: str,
+        unlock: Unlock | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        kdf: Kdf | None = None,
+    ) -> tuple[Repository, Path | None]:
+        """:meth:`init` in the directory ``path`` (created if need be)."""
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        repo, key_path = cls.init(LocalStorage(path), encryption, unlock, chunk_size, kdf)
+        if repo.key is not None:
+            known.remember(path, repo.key.repository)
+        else:
+            known.forget(path)
+        return repo, key_path
 
     @classmethod
     def init(

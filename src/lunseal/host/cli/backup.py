@@ -270,10 +270,8 @@ def init(
     if encryption not in ENCRYPTION_MODES:
         raise InvalidArgument(f"--encryption takes {', '.join(ENCRYPTION_MODES)}")
     path = _archive_path(repo_path)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    repo, written = Repository.init(
-        LocalStorage(path), encryption, unlock_from(passphrase_file, key_file)
-    )
+    unlock = unlock_from(passphrase_file, key_file)
+    repo, written = Repository.init_local(path, encryption, unlock)
     warning = _key_warning(path, encryption, written)
     if options(ctx).json:
         typer.echo(
