@@ -120,3 +120,13 @@ def test_wrong_passphrase_and_passphrase_file(
     secret.write_text("tape in the vault\n")
     listed = lunseal(daemon, archive, "--json", "backup", "list", "--passphrase-file", str(secret))
     assert [m["id"] for m in json.loads(listed.stdout)] == [taken["id"]]
+
+    # The disk copy is checked against the keyed ids before it is trusted.
+    saved = save(daemon, "db", tmp_path / "db.raw")
+    write(daemon, "db", 0, SIZE, 0x00)
+    done = lunseal_json(
+        daemon, archive, "restore", taken["id"], "--verify-mirror", "full",
+        "--passphrase-file", str(secret),
+    )  # fmt: skip
+    assert (done["path"], done["mirror_mismatches"], done["repaired"]) == ("mirror", [], [])
+    assert equals(daemon, "db", saved)
