@@ -406,10 +406,9 @@ class Repository:
                 "or give --passphrase-file"
             )
         repo_id = new_repository_id()
-        repo = cls(storage, chunk_size, key=ArchiveKey.generate(repo_id, chunk_size))
-        repo.encryption = encryption
-        assert repo.key is not None
-        repo.key_blob = wrap_key(repo.key, unlock.passphrase, kdf)
+        key = ArchiveKey.generate(repo_id, chunk_size)
+        repo = cls(storage, chunk_size, key=key, encryption=encryption)
+        repo.key_blob = wrap_key(key, unlock.passphrase, kdf)
         key_path = None
         if encryption == "repokey":
             storage.put(_KEY_OBJECT, repo.key_blob)
