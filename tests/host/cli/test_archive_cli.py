@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,56 @@ def test_downgraded_archive_is_refused_without_a_passphrase(
     proc = run(env, "archive", "check", str(repo), code=8)
     assert "was encrypted" in proc.stderr
     assert "forgery" in proc.stderr
+
+
+def converse(env: dict[str, str], args: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run ``lunseal ARGS`` on a pseudo-terminal, typing each answer after its prompt
+    (a line ending in ': '); (exit code, everything the terminal showed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [LUNSEAL, *args], stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+    )
+    os.close(slave)
+    out, pending = bytearray(), list(answers)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if pending and out.rstrip(b" ").endswith(b":"):
+                os.write(master, pending.pop(0).encode() + b"\n")
+                out += b"\n"  # what we typed is not echoed: mark the answer
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), out.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_passphrase_asked_on_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
+    del env["LUNSEAL_PASSPHRASE"]
+    repo = str(tmp_path / "tape")
+    init = ["archive", "init", repo, "--encryption", "repokey"]
+    code, out = converse(env, init, ["typed secret", "typed secrex"])
+    assert code == 2
+    assert "the two passphrases differ" in out
+    code, out = converse(env, init, ["typed secret", "typed secret"])
+    assert code == 0, out
+    assert "archive passphrase:" in out
+    assert "typed secret" not in out  # never echoed
+    code, out = converse(env, ["archive", "check", repo], ["typed secret"])
+    assert (code, out.splitlines()[-1].strip()) == (0, "archive OK")
+    code, out = converse(env, ["archive", "check", repo], ["wrong"])
+    assert code == 7
+    assert "wrong passphrase" in out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -37,7 +39,8 @@ PASSPHRASE_FILE_OPTION = typer.Option(
     None,
     "--passphrase-file",
     envvar="LUNSEAL_PASSPHRASE_FILE",
-    help=f"file holding the archive passphrase ('-': stdin) [default: ${ENV_PASSPHRASE}]",
+    help=f"file holding the archive passphrase ('-': stdin) [default: ${ENV_PASSPHRASE}, "
+    "else asked on a terminal]",
 )
 KEY_FILE_OPTION = typer.Option(
     None,
@@ -51,8 +54,31 @@ def _archive_path(path: Path | None) -> Path:
     return (path or Path(os.environ.get(ENV_ARCHIVE) or "lunseal-archive")).absolute()
 
 
-def unlock_from(passphrase_file: Path | None, key_file: Path | None) -> Unlock:
-    return Unlock(read_secret(passphrase_file, ENV_PASSPHRASE, "passphrase"), key_file)
+def unlock_from(
+    passphrase_file: Path | None,
+    key_file: Path | None,
+    *,
+    ask: bool = False,
+    confirm: bool = False,
+) -> Unlock:
+    """The passphrase from a file or the environment; with ``ask``, and neither
+    given, it is asked for on the terminal (never echoed), twice with ``confirm``."""
+    passphrase = read_secret(passphrase_file, ENV_PASSPHRASE, "passphrase")
+    if passphrase is None and ask and sys.stdin.isatty():
+        passphrase = getpass.getpass("archive passphrase: ")
+        if confirm and getpass.getpass("the same again: ") != passphrase:
+            raise InvalidArgument("the two passphrases differ")
+    return Unlock(passphrase, key_file)
+
+
+def _encrypted(path: Path) -> bool:
+    """Whether the archive at ``path`` says it is encrypted (only to decide whether to
+    ask for a passphrase: the repository checks what it finds for itself)."""
+    try:
+        config = json.loads((path / "config").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("encryption") in ("repokey", "keyfile")
 
 
 def open_repo(
@@ -62,8 +88,9 @@ def open_repo(
     passphrase_file: Path | None = None,
     key_file: Path | None = None,
 ) -> Repository:
-    unlock = unlock_from(passphrase_file, key_file)
-    return Repository.open_local(_archive_path(path), create=create, unlock=unlock)
+    chosen = _archive_path(path)
+    unlock = unlock_from(passphrase_file, key_file, ask=_encrypted(chosen))
+    return Repository.open_local(chosen, create=create, unlock=unlock)
 
 
 def _say(ctx: typer.Context) -> Log:
@@ -270,7 +297,8 @@ def init(
     if encryption not in ENCRYPTION_MODES:
         raise InvalidArgument(f"--encryption takes {', '.join(ENCRYPTION_MODES)}")
     path = _archive_path(repo_path)
-    unlock = unlock_from(passphrase_file, key_file)
+    encrypted = encryption != "none"
+    unlock = unlock_from(passphrase_file, key_file, ask=encrypted, confirm=encrypted)
     repo, written = Repository.init_local(path, encryption, unlock)
     warning = _key_warning(path, encryption, written)
     if options(ctx).json:
@@ -338,10 +366,9 @@ def key_import(
 ) -> None:
     """Put an exported key back (after losing the key file or a damaged archive key);
     it must belong to this archive and unlock with the passphrase."""
-    storage = LocalStorage(_archive_path(repo_path))
-    written = Repository.import_key(
-        storage, read_key_file(file), unlock_from(passphrase_file, key_file)
-    )
+    path = _archive_path(repo_path)
+    unlock = unlock_from(passphrase_file, key_file, ask=True)
+    written = Repository.import_key(LocalStorage(path), read_key_file(file), unlock)
     where = f"key file {written}" if written else "the archive"
     console.print(f"key imported into {where}", highlight=False)
 
