@@ -425,8 +425,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 def _execute(transmission: Transmission, reqs: list[Request]) -> Buffers:
     """Run a batch in order (on the LUN's worker); its replies, in order."""
     out: Buffers = []
-    for req in reqs:
-        transmission.execute(req, out)
+    transmission.execute_batch(reqs, out)
     return out
 
 
