@@ -184,6 +184,29 @@ def test_requests_run_on_the_luns_worker_thread(served: Served) -> None:
     assert seen == ["lun-a"]
 
 
+def test_a_write_payload_reaches_the_backend_without_a_copy(served: Served) -> None:
+    """The worker writes the payload from the connection's receive buffer (a
+    bytearray the codec lent), not from a copy made on the event loop."""
+    seen: list[object] = []
+    backend = backend_of(served.array.lun("a"))
+    real_write = backend.write
+
+    def write(offset: int, data: bytes | bytearray | memoryview) -> None:
+        seen.append(data.obj if isinstance(data, memoryview) else data)
+        real_write(offset, data)
+
+    backend.write = write  # type: ignore[method-assign]
+    with served.client("a") as client:
+        for i in range(4):
+            assert client.write(i * 64 * KiB, pattern(i, 64 * KiB)) == 0
+        for i in range(4):
+            assert client.read(i * 64 * KiB, 64 * KiB).data == pattern(i, 64 * KiB)
+    assert len(seen) == 4
+    assert all(isinstance(obj, bytearray) and len(obj) > 64 * KiB for obj in seen), [
+        type(obj) for obj in seen
+    ]
+
+
 def test_deleting_a_lun_with_requests_queued_drops_their_replies(served: Served) -> None:
     """Delete revokes the connection, drains the worker, then closes the file:
     queued reads never touch a closed descriptor and their replies are dropped."""

@@ -8,10 +8,10 @@ runs them in order and hands the replies back with ONE
 ``call_soon_threadsafe``.  So a slow flush or disk on one LUN never holds up
 the loop, and with it every other LUN's hosts.
 
-WRITE payloads are copied out of the receive buffer before the hand-off (one
-memcpy, far cheaper than the pwrite it feeds): the codec reuses and compacts
-that buffer as soon as the loop asks it for room again, while the worker may
-not have run yet.
+WRITE payloads are not copied: the worker writes them straight from the
+codec's receive buffer.  Each payload comes with its buffer's lease, given back
+on the loop when the batch's replies return; until then the codec receives
+into another buffer rather than over it (see ``codec.BufferLease``).
 
 Ordering: a connection's batches queue on its LUN's single worker in the order
 they were parsed, and come back through the loop's FIFO in that order.  Every
@@ -299,15 +299,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self.transmission.check(req, self._out):
             # An error reply queued now may overtake replies of earlier requests
             # still in flight; NBD replies are matched by cookie, not order.
+            if req.lease is not None:
+                req.lease.give_back()
             return
         if not batch and not self._inflight and self.transmission.read_cached(req, self._out):
             # Served from the page cache without waiting for a disk: no thread
             # hop.  Only with nothing of this connection queued before it, so a
             # read never overtakes this connection's own earlier writes.
             return
-        if req.payload is not None:
-            # The worker owns what it is handed: the codec reuses its buffer.
-            req.payload = memoryview(bytes(req.payload))
         self._inflight_bytes += req.length
         batch.append(req)
 
@@ -322,24 +321,28 @@ class NbdConnection(asyncio.BufferedProtocol):
         worker = self.lun.worker
         self._inflight += 1
         if worker is None:
-            self._deliver(_execute(transmission, reqs), cost)
+            self._deliver(_execute(transmission, reqs), cost, reqs)
             return
         loop, deliver = self._loop, self._deliver
 
         def job() -> None:
             replies = _execute(transmission, reqs)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
-                loop.call_soon_threadsafe(deliver, replies, cost)
+                loop.call_soon_threadsafe(deliver, replies, cost, reqs)
 
         try:
             worker.post(job)
         except WorkerStopped as exc:
             # The LUN is being deleted or closed: its revocation closes us too.
             log.debug("NBD client %s: %s", self.peer, exc.message)
-            self._deliver([], cost)
+            self._deliver([], cost, reqs)
 
-    def _deliver(self, replies: Buffers, cost: int) -> None:
+    def _deliver(self, replies: Buffers, cost: int, reqs: list[Request]) -> None:
         """Back on the loop: queue a batch's replies and read on if there is room."""
+        for req in reqs:
+            if req.lease is not None:
+                # The worker is done with the payload: the codec may reuse its buffer.
+                req.lease.give_back()
         self._inflight -= 1
         self._inflight_bytes -= cost
         if self._revoked or self.transport is None or self.transport.is_closing():
