@@ -163,27 +163,42 @@ class NbdConnection(asyncio.BufferedProtocol):
         return buffered + self._pending_bytes
 
     def _backlogged(self) -> bool:
-        return self._write_paused or self.queued_bytes + self._inflight_bytes > REPLY_QUEUE_CAP
+        return self._room() <= 0
+
+    def _room(self) -> int:
+        """Reply bytes this connection may still take on before it stops reading."""
+        if self._write_paused:
+            return 0
+        return REPLY_QUEUE_CAP - self.queued_bytes - self._inflight_bytes
 
     def _process(self) -> None:
         out = self._out
         batch: list[Request] = []
+        next_event = self.codec.next_event
         try:
-            while not self._closing and not self._backlogged():
-                event = self.codec.next_event()
+            # A request adds at most its length; the exact room (a transport
+            # call) is measured again only once this estimate runs out.
+            room = self._room()
+            while room > 0 and not self._closing:
+                event = next_event()
                 if event is None:
                     break
                 if isinstance(event, Request):
                     self._request(event, batch)
+                    room -= event.length
                     if len(batch) >= MAX_BATCH:
                         self._dispatch(batch)
                         batch = []
                     if len(out) > 64:
                         self._send(out)  # replies read from the cache: keep them bounded
+                        room = 0
+                    if room <= 0:
+                        room = self._room()
                 else:
                     self._negotiate(event, out)
             self._dispatch(batch)
-            self._send(out)
+            if out:
+                self._send(out)
         except ProtocolError as exc:
             log.warning("NBD client %s: %s; closing the connection", self.peer, exc.message)
             self.close()
