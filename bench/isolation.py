@@ -11,6 +11,11 @@ page cache (A is filled first).  A is measured alone and under each load:
   whole measurement.  nbdkit has no mirrors; its anchor is the same amount of
   data copied into one of its exports: ``nbdcopy`` of a filled 2 GiB local file
   into a 2 GiB export, started again as soon as it is done.
+* ``dd``: the machine's own share of that: ``dd conv=fsync`` of the same
+  2 GiB file into a plain file next to the servers' files, again and again;
+  no NBD server is involved, so what A loses here is what any copy of that
+  size costs the other work on this machine (CPU for the copy and the
+  writeback, the disk).
 
 The report gives A's IOPS under load / alone and A's p99 completion latency,
 and how much work the load got done meanwhile.  nbdkit's file plugin serves
@@ -52,7 +57,7 @@ from lunseal.host.client import ArrayClient
 from lunseal.host.nbd_client import NbdClient
 
 DEPTHS = (1, 32)
-LOADS = ("fua", "sync")
+LOADS = ("fua", "sync", "dd")
 #: B's writes cycle over this much of B (so B's file stays small and allocated).
 LOAD_SPAN = 256 << 20
 LOAD_BLOCK = 1 << 20
@@ -117,11 +122,32 @@ def sync_nbdkit(source: Path, uri: str, seconds: float) -> int:
     return copied
 
 
+def copy_plain(source: Path, target: Path, seconds: float) -> int:
+    """``dd`` the file ``source`` into the plain file ``target`` (synced at the
+    end) again and again for ``seconds``; the bytes copied (whole copies)."""
+    copied = 0
+    deadline = time.monotonic() + seconds
+    cmd = ["dd", f"if={source}", f"of={target}", "bs=1M", "conv=fsync", "status=none"]
+    while time.monotonic() < deadline:
+        proc = subprocess.Popen(cmd)
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(30)
+            break
+        copied += source.stat().st_size
+    target.unlink(missing_ok=True)
+    return copied
+
+
 def start_load(
     kind: str, server: Server, seconds: float, opts: argparse.Namespace, workdir: Path
 ) -> subprocess.Popen[str]:
     cmd = [sys.executable, __file__, "--load-seconds", str(seconds)]
-    if kind == "fua":
+    if kind == "dd":
+        cmd += ["--copy-plain", str(sync_source(workdir)), "--copy-to", str(workdir / "dd.out")]
+    elif kind == "fua":
         span = str(min(LOAD_SPAN, opts.size) // LOAD_BLOCK * LOAD_BLOCK)
         cmd += ["--load", server.uris[1], "--load-span", span]
     elif server.name == "lunseal":
@@ -153,8 +179,13 @@ def export_uri(server: Server, name: str) -> str:
 
 
 def prepare_sync(pair: list[Server], opts: argparse.Namespace, workdir: Path) -> None:
-    """Filled sources and empty targets of ``--sync-size`` for both servers."""
+    """Filled sources and empty targets of ``--sync-size`` for both servers (and
+    the filled local file that nbdkit's and the plain copies read)."""
     size = opts.sync_size
+    block = os.urandom(LOAD_BLOCK)
+    with sync_source(workdir).open("wb") as f:
+        for _ in range(size // LOAD_BLOCK):
+            f.write(block)
     for server in pair:
         if server.name == "lunseal":
             with ArrayClient.for_home(Path(server.info["home"])) as client:
@@ -164,10 +195,6 @@ def prepare_sync(pair: list[Server], opts: argparse.Namespace, workdir: Path) ->
             source.uris = [export_uri(server, SYNC_SOURCE)]
             precondition(source, size, workdir)
         else:
-            block = os.urandom(LOAD_BLOCK)
-            with sync_source(workdir).open("wb") as f:
-                for _ in range(size // LOAD_BLOCK):
-                    f.write(block)
             with (nbdkit_exports(workdir) / SYNC_TARGET).open("wb") as f:
                 f.truncate(size)
 
@@ -287,6 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sync-lunseal", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--sync-nbdkit", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--sync-uri", default="", help=argparse.SUPPRESS)
+    p.add_argument("--copy-plain", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--copy-to", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -306,7 +335,7 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with servers(workdir, opts.size, opts.nbdkit_threads, luns=2, tracking=False) as pair:
         for server in pair:
             precondition(server, opts.size, workdir)
-        if "sync" in loads:
+        if "sync" in loads or "dd" in loads:
             prepare_sync(pair, opts, workdir)
         os.sync()
         for rep in range(opts.reps):
@@ -323,7 +352,7 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                             + (f" ({work_text(kind, s['work'])})" if kind != "alone" else ""),
                             flush=True,
                         )
-    hidden = ("load", "sync_lunseal", "sync_nbdkit", "sync_uri")
+    hidden = ("load", "sync_lunseal", "sync_nbdkit", "sync_uri", "copy_plain", "copy_to")
     return {
         "environment": environment(),
         "settings": {k: str(v) for k, v in vars(opts).items() if not k.startswith(hidden)},
@@ -342,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if opts.sync_nbdkit is not None:
         print(sync_nbdkit(opts.sync_nbdkit, opts.sync_uri, opts.load_seconds))
+        return 0
+    if opts.copy_plain is not None and opts.copy_to is not None:
+        print(copy_plain(opts.copy_plain, opts.copy_to, opts.load_seconds))
         return 0
     with tempfile.TemporaryDirectory(prefix="lunseal-iso-", dir=opts.workdir) as tmp:
         report = run(opts, Path(tmp))
