@@ -34,6 +34,7 @@ import os
 import resource
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -104,6 +105,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         #: Set on revocation: replies still coming back are dropped, not sent.
         self._revoked = False
+        #: The requests of this connection's last job while the worker has not
+        #: started it: later requests join it rather than queue a job each.
+        self._waiting: list[Request] | None = None
+        self._waiting_lock = threading.Lock()
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -331,26 +336,41 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         assert self.transmission is not None
         assert self.lun is not None
-        transmission, cost = self.transmission, sum(req.length for req in batch)
-        reqs = list(batch)
+        transmission = self.transmission
         worker = self.lun.worker
-        self._inflight += 1
         if worker is None:
-            self._deliver(_execute(transmission, reqs), cost, reqs)
+            self._inflight += 1
+            reqs = list(batch)
+            self._deliver(_execute(transmission, reqs), _cost(reqs), reqs)
             return
-        loop, deliver = self._loop, self._deliver
+        with self._waiting_lock:
+            waiting = self._waiting
+            if waiting is not None and len(waiting) + len(batch) <= MAX_BATCH:
+                # The worker has not started this connection's last job yet: it
+                # takes these requests too (after its own, so in order), and
+                # the worker pays its per-batch costs once for both.
+                waiting.extend(batch)
+                return
+            reqs = self._waiting = list(batch)
+        self._inflight += 1
+        loop, deliver, lock = self._loop, self._deliver, self._waiting_lock
 
         def job() -> None:
+            with lock:  # from here on, later requests get a job of their own
+                if self._waiting is reqs:
+                    self._waiting = None
             replies = _execute(transmission, reqs)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
-                loop.call_soon_threadsafe(deliver, replies, cost, reqs)
+                loop.call_soon_threadsafe(deliver, replies, _cost(reqs), reqs)
 
         try:
             worker.post(job)
         except WorkerStopped as exc:
             # The LUN is being deleted or closed: its revocation closes us too.
             log.debug("NBD client %s: %s", self.peer, exc.message)
-            self._deliver([], cost, reqs)
+            with lock:
+                self._waiting = None
+            self._deliver([], _cost(reqs), reqs)
 
     def _deliver(self, replies: Buffers, cost: int, reqs: list[Request]) -> None:
         """Back on the loop: queue a batch's replies and read on if there is room."""
@@ -438,6 +458,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._revoked = True
         self._drop_pending()
         self.close()
+
+
+def _cost(reqs: list[Request]) -> int:
+    """What requests in flight count against the reply cap (see ``_inflight_bytes``)."""
+    return sum(req.length for req in reqs)
 
 
 def _execute(transmission: Transmission, reqs: list[Request]) -> Buffers:
