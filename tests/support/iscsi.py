@@ -132,7 +132,7 @@ class ConformanceRun:
             for name, c in sorted(self.by_suite().items()):
                 rows.append((name, *(str(c[o]) for o in OUTCOMES)))
         width = max(len(r[0]) for r in rows)
-        lines = [f"{r[0]:<{width}}  {r[1]:>7} {r[2]:>7} {r[3]:>7}" for r in rows]
+        lines = [f"{r[0]:<{width}}  {r[1]:>7} {r[2]:>7} {r[3]:>7}".rstrip() for r in rows]
         for r in self.failed:
             lines.append(f"FAILED  {r.name}: {_one_line(r.detail)}")
         for r in self.skipped:
