@@ -50,8 +50,17 @@ TARGET_PDUS: list[tuple[str, Callable[[p.Digests], bytes], int]] = [
     ),
     (
         "data_in",
-        lambda d: p.data_in(
-            itt=8, datasn=0, offset=0, data=b"abc", exp_cmdsn=1, max_cmdsn=2, status=0, digests=d
+        lambda d: b"".join(
+            p.data_in(
+                itt=8,
+                datasn=0,
+                offset=0,
+                data=b"abc",
+                exp_cmdsn=1,
+                max_cmdsn=2,
+                status=0,
+                digests=d,
+            )
         ),
         p.DATA_IN,
     ),

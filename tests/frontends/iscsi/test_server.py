@@ -23,7 +23,9 @@ from lunseal.frontends.iscsi import text
 from lunseal.frontends.iscsi.access import ChapSecret, InitiatorAccess
 from lunseal.frontends.iscsi.login import AUTH_FAILED, FORBIDDEN
 from lunseal.frontends.iscsi.server import IscsiServer
-from lunseal.frontends.scsi.interface import GOOD, LunAccess
+from lunseal.frontends.iscsi.session import MAX_TRANSFER
+from lunseal.frontends.scsi.cdb import MAX_TRANSFER_BLOCKS
+from lunseal.frontends.scsi.interface import CHECK_CONDITION, GOOD, LunAccess
 from lunseal.frontends.scsi.target import ScsiTarget
 from lunseal.host.iscsi.initiator import Initiator, IscsiError, LoginRefused
 
@@ -361,3 +363,22 @@ def test_write_changes_the_state_token(served: Served) -> None:
         assert lun.run(tracker.token) == before  # a read changes nothing
         assert ini.command(0, write10(0, 1), data_out=b"s" * 512).status == GOOD
         assert lun.run(tracker.token) != before
+
+
+def test_block_limits_promise_no_more_than_the_transport_buffers() -> None:
+    """The SCSI layer refuses transfers beyond its BLOCK LIMITS; the transport
+    holds at most MAX_TRANSFER per command (and refuses more itself)."""
+    assert MAX_TRANSFER_BLOCKS * 512 <= MAX_TRANSFER
+
+
+def test_a_read_beyond_the_transfer_limit_is_refused(served: Served) -> None:
+    blocks = MAX_TRANSFER_BLOCKS + 8
+    served.call(lambda: served.array.create_lun("big", 64 * MiB, number=2))
+    with served.initiator() as ini:
+        ini.command(2, bytes(6))  # the new LUN's unit attention
+        cdb = bytes([0x88, 0]) + (0).to_bytes(8, "big") + blocks.to_bytes(4, "big") + bytes(2)
+        r = ini.command(2, cdb, read_length=blocks * 512)
+        assert r.status == CHECK_CONDITION
+        assert r.sense[12] == 0x24  # INVALID FIELD IN CDB
+        assert r.data == b""
+        assert ini.command(2, read10(0, 8), read_length=4096).status == GOOD

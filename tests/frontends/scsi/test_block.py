@@ -272,7 +272,7 @@ def test_write_same_unmap_deallocates_whatever_the_data(scsi: Scsi) -> None:
 
 def test_write_same16_ndob_zeroes_without_data(scsi: Scsi) -> None:
     scsi.good(cdbs.rw10(0x2A, 0, 8), pattern(8))
-    scsi.good(ws(0x93, 0, 8, flags=0x09))
+    scsi.good(ws(0x93, 0, 8, flags=0x09), expected=0)
     assert scsi.disk.read(0, 4096) == bytes(4096)
 
 
@@ -295,6 +295,16 @@ def test_write_same_longer_than_the_limit_is_refused(scsi: Scsi, op: int, byte: 
         assert_sense(result, ILLEGAL_REQUEST, 0x24, 0, pointer=(byte, None))
     result = scsi.run(ws(op, 0, 0), bytes(512), lun=1)  # to the end: 4 Mi blocks
     assert_sense(result, ILLEGAL_REQUEST, 0x24, 0, pointer=(byte, None))
+    assert seen == []
+
+
+@pytest.mark.parametrize("sent", [256, 1024])
+def test_write_same_takes_exactly_one_block(scsi: Scsi, sent: int) -> None:
+    seen = changes(scsi.disk)
+    result = scsi.run(ws(0x41, 0, 8, flags=0x08), bytes(min(sent, 512)), expected=sent)
+    assert_sense(result, ILLEGAL_REQUEST, 0x0E, 0x03)
+    result = scsi.run(ws(0x93, 0, 8, flags=0x09), expected=512)  # NDOB: no data at all
+    assert_sense(result, ILLEGAL_REQUEST, 0x0E, 0x03)
     assert seen == []
 
 

@@ -348,6 +348,49 @@ class Digests:
 NO_DIGESTS = Digests()
 
 
+Wire = list[bytes | bytearray | memoryview]
+
+
+def build_parts(
+    opcode: int,
+    flags: int,
+    *,
+    immediate: bool = False,
+    b2: int = 0,
+    b3: int = 0,
+    lun: bytes = bytes(8),
+    itt: int = RESERVED_TAG,
+    words: tuple[int, ...] = (),
+    tail: bytes | None = None,
+    ahs: bytes = b"",
+    data: bytes | bytearray | memoryview = b"",
+    digests: Digests = NO_DIGESTS,
+) -> Wire:
+    """One whole PDU as pieces for ``writelines``: the data segment is not
+    copied.  ``words`` are bytes 20..47 as big-endian words (missing ones are
+    zero); ``tail`` gives those 28 bytes raw instead."""
+    if len(ahs) % 4 or len(ahs) > MAX_AHS:
+        raise ValueError("AHS must be whole words, at most 1020 bytes")
+    if tail is None:
+        tail = _TAIL.pack(*(words + (0,) * (7 - len(words))))
+    first = opcode | (0x40 if immediate else 0)
+    dlen = len(data)
+    head = (
+        _BHS_HEAD.pack(first, flags, b2, b3, len(ahs) // 4, dlen.to_bytes(3, "big"), lun, itt)
+        + tail
+        + ahs
+    )
+    if digests.header:
+        head += _digest(head)
+    if not dlen:
+        return [head]
+    pad = bytes(padded(dlen) - dlen)
+    if digests.data:
+        crc = crc32c(pad, crc32c(data))
+        return [head, data, pad + int(crc).to_bytes(4, "little")]
+    return [head, data, pad] if pad else [head, data]
+
+
 def build(
     opcode: int,
     flags: int,
@@ -363,28 +406,23 @@ def build(
     data: bytes | bytearray | memoryview = b"",
     digests: Digests = NO_DIGESTS,
 ) -> bytes:
-    """One whole PDU.  ``words`` are bytes 20..47 as big-endian words (missing
-    ones are zero); ``tail`` gives those 28 bytes raw instead."""
-    if len(ahs) % 4 or len(ahs) > MAX_AHS:
-        raise ValueError("AHS must be whole words, at most 1020 bytes")
-    if tail is None:
-        tail = _TAIL.pack(*(words + (0,) * (7 - len(words))))
-    first = opcode | (0x40 if immediate else 0)
-    dlen = len(data)
-    head = (
-        _BHS_HEAD.pack(first, flags, b2, b3, len(ahs) // 4, dlen.to_bytes(3, "big"), lun, itt)
-        + tail
-        + ahs
+    """One whole PDU as bytes (see :func:`build_parts`)."""
+    return b"".join(
+        build_parts(
+            opcode,
+            flags,
+            immediate=immediate,
+            b2=b2,
+            b3=b3,
+            lun=lun,
+            itt=itt,
+            words=words,
+            tail=tail,
+            ahs=ahs,
+            data=data,
+            digests=digests,
+        )
     )
-    parts = [head]
-    if digests.header:
-        parts.append(_digest(head))
-    if dlen:
-        body = bytes(data) + bytes(padded(dlen) - dlen)
-        parts.append(body)
-        if digests.data:
-            parts.append(_digest(body))
-    return b"".join(parts)
 
 
 def _u16pair(a: int, b: int) -> int:
@@ -528,8 +566,9 @@ def data_in(
     residual: int = 0,
     lun: bytes = bytes(8),
     digests: Digests = NO_DIGESTS,
-) -> bytes:
-    """A Data-In; with ``status`` it carries the command's status (S bit; F set too)."""
+) -> Wire:
+    """A Data-In as pieces (its data is not copied); with ``status`` it carries
+    the command's status (S bit; F set too)."""
     flags = F_FINAL if final else 0
     b3 = 0
     if status is not None:
@@ -537,7 +576,7 @@ def data_in(
         b3 = status
     else:
         statsn = residual = 0
-    return build(
+    return build_parts(
         DATA_IN,
         flags,
         b3=b3,

@@ -36,6 +36,8 @@ from lunseal.frontends.iscsi import pdu as p
 from lunseal.frontends.iscsi.access import AccessPolicy, OpenAccess
 from lunseal.frontends.iscsi.session import (
     HARDWARE_ERROR,
+    MAX_TRANSFER,
+    SENSE_TOO_LONG,
     CommandWork,
     Connection,
     ScsiTargetLike,
@@ -360,9 +362,13 @@ def _execute(target: ScsiTargetLike, work: CommandWork) -> ScsiResult:
         result = target.execute(work.command)
         if isinstance(result.data, FileSlice):
             piece = result.data
+            length = min(piece.length, work.task.edtl)
+            if length > MAX_TRANSFER:
+                # Never hold more than a bounded read in memory for one command.
+                return ScsiResult(status=CHECK_CONDITION, sense=SENSE_TOO_LONG)
             # Only what the initiator takes is read; the rest counts as residual.
             work.task.produced = piece.length
-            result.data = _read_slice(piece, min(piece.length, work.task.edtl))
+            result.data = _read_slice(piece, length)
         return result
     except Exception:  # execute must not raise; if it does, one command fails, not the target
         log.exception("SCSI command 0x%02x failed", work.command.cdb[0])

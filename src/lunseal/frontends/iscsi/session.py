@@ -185,7 +185,7 @@ class Connection:
         self.full_feature = False
         self.nexus: Nexus | None = None
         self.tsih = 0
-        self.out: list[bytes] = []
+        self.out: p.Wire = []
         self.work: list[Work] = []
         self.closing = False
         #: Why the connection is closing (for the log).
@@ -561,7 +561,7 @@ class Connection:
             last = end == n
             status = result.status if last and collapse else None
             sns = self._status_sns() if status is not None else {"statsn": 0}
-            self.out.append(
+            self.out.extend(
                 p.data_in(
                     itt=task.itt,
                     datasn=datasn,

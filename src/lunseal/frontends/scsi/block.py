@@ -181,6 +181,10 @@ def write_same(req: Request) -> ScsiResult:
     if rng.blocks > MAX_WRITE_SAME_BLOCKS:
         raise invalid_field(10 if sixteen else 7, None, f"at most {MAX_WRITE_SAME_BLOCKS}")
     _require_writable(req)
+    if req.expected_length != (0 if ndob else BLOCK):
+        # One block of data-out, no more and no less: anything else means the
+        # initiator and the CDB disagree about what is being written.
+        raise short_data_out(0 if ndob else BLOCK, req.expected_length)
     block = bytes(BLOCK) if ndob else bytes(_data(req, BLOCK))
     unmap = bool(flags & 0x08)
     if unmap or block.count(0) == BLOCK:

@@ -131,7 +131,7 @@ def short_data_out(wanted: int, got: int) -> SenseError:
     # INVALID FIELD IN COMMAND INFORMATION UNIT: the transport's expected length
     # and the CDB disagree.
     return SenseError(
-        f"the CDB asks for {wanted} bytes of data, the initiator sent {got}",
+        f"the CDB asks for {wanted} bytes of data, the initiator sends {got}",
         ILLEGAL_REQUEST,
         0x0E,
         0x03,
