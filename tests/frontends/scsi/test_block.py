@@ -378,6 +378,14 @@ def test_orwrite_ors_the_data_into_the_blocks(scsi: Scsi) -> None:
     assert_sense(scsi.run(cdbs.rw16(0x8B, 4, 1), bytes(512)), DATA_PROTECT, 0x27, 0x00)
 
 
+def test_get_lba_status_looks_one_window_ahead(scsi: Scsi) -> None:
+    scsi.array.create_lun("huge", 3 << 30, number=1)
+    scsi.attach(lun=1)
+    data = scsi.good(cdbs.lba_status(8), lun=1)
+    assert int.from_bytes(data[0:4], "big") == 4 + 16
+    assert data[8:21] == (8).to_bytes(8, "big") + ((1 << 30) // 512).to_bytes(4, "big") + b"\x01"
+
+
 def test_get_lba_status_beyond_the_end(scsi: Scsi) -> None:
     assert_sense(scsi.run(cdbs.lba_status(BLOCKS)), ILLEGAL_REQUEST, 0x21, 0x00)
 
@@ -401,3 +409,23 @@ def test_read_capacity10_lba_without_pmi_is_invalid(scsi: Scsi) -> None:
 def test_prefetch_and_status_are_good(scsi: Scsi) -> None:
     assert scsi.run(cdbs.rw10(0x34, 0, 8)).status == GOOD
     assert scsi.run(cdbs.rw16(0x90, 0, 8)).status == GOOD
+
+
+def test_a_synced_mirror_target_is_write_protected(scsi: Scsi) -> None:
+    """A real mirror: while synchronised its target refuses every write and
+    reports WP; the source still takes writes (and passes them on)."""
+    target = scsi.array.create_lun("copy", scsi.disk.size, number=1)
+    mirror = scsi.array.mirrors.create(scsi.disk, target)
+    for _ in range(10_000):
+        if not scsi.array.mirrors.busy():
+            break
+        scsi.array.mirrors.copy_step(4 * MiB)
+    assert mirror.state == "synced"
+    scsi.attach(lun=1)
+    seen = changes(target)
+    assert_sense(scsi.run(cdbs.rw10(0x2A, 0, 1), pattern(1), lun=1), DATA_PROTECT, 0x27, 0)
+    assert_sense(scsi.run(cdbs.unmap(24), cdbs.unmap_list((0, 8)), lun=1), DATA_PROTECT, 0x27, 0)
+    assert scsi.good(cdbs.mode_sense6(0x08), lun=1)[2] & 0x80
+    assert seen == []
+    scsi.good(cdbs.rw10(0x2A, 0, 1), pattern(1))
+    assert target.read(0, 512) == pattern(1)

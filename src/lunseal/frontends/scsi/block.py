@@ -34,6 +34,9 @@ from lunseal.frontends.scsi.sense import (
 )
 
 FUA = 0x08
+#: How far one GET LBA STATUS looks: bounds the extent scan of a large, fragmented
+#: LUN and keeps every run within the descriptor's 32-bit block count.
+STATUS_WINDOW = 1 << 30
 #: Bytes written per call when WRITE SAME repeats a non-zero block.
 _SAME_CHUNK = 1 << 20
 
@@ -265,9 +268,11 @@ def _status_start(req: Request, lba: int) -> int:
 
 
 def _lba_status(req: Request, lba: int, limit: int) -> list[bytes]:
-    """Mapped (0) / deallocated (1) runs from ``lba``, at most ``limit`` of them."""
+    """Mapped (0) / deallocated (1) runs from ``lba``, at most ``limit`` of them,
+    within :data:`STATUS_WINDOW` (the host asks again from where the report ends)."""
     runs: list[list[int]] = []  # [start block, end block, status]
-    for ext in req.lun.extents(lba * BLOCK, req.lun.size - lba * BLOCK):
+    offset = lba * BLOCK
+    for ext in req.lun.extents(offset, min(req.lun.size - offset, STATUS_WINDOW)):
         start, end = ext.offset // BLOCK, -(-ext.end // BLOCK)
         status = 1 if ext.hole else 0
         if runs and runs[-1][2] == status:
