@@ -148,6 +148,9 @@ def _downgrade_to_schema_1(catalog: Path, epoch: int) -> None:
         (epoch,),
     )
     db.execute("DROP TABLE old")
+    # Schema 4's tables did not exist yet (children before parents).
+    for table in ("iscsi_lun_access", "iscsi_initiators", "scsi_pr_registrations", "scsi_pr_state"):
+        db.execute(f"DROP TABLE {table}")
     db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
     db.execute("PRAGMA user_version = 0")  # schema 1 kept its version in meta
     db.close()

@@ -280,13 +280,6 @@ class Reservations:
             for uuid in [u for u, holder in self._reserve6.items() if holder == who]:
                 del self._reserve6[uuid]
 
-    def forget(self, lun_uuid: str) -> None:
-        """The LUN was deleted (the catalog dropped its rows by cascade)."""
-        with self._lock:
-            self._records.pop(lun_uuid, None)
-            self._reserve6.pop(lun_uuid, None)
-            self._out_locks.pop(lun_uuid, None)
-
     # -- PERSISTENT RESERVE IN -----------------------------------------------------
 
     def persistent_in(self, nexus: Nexus, lun: Lun, cdb: bytes) -> bytes:

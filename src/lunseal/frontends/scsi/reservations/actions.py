@@ -276,8 +276,9 @@ SERVICE_ACTIONS = {
     RELEASE: _release,
     CLEAR: _clear,
     PREEMPT: _preempt,
-    # Tasks of a preempted nexus finish before the preempting command runs
-    # (one ordered worker per LUN), so there is nothing left to abort.
+    # Commands of a preempted nexus that reached the LUN's ordered worker first
+    # have run already, and later ones are checked against the new state, so
+    # nothing is left to abort: the unit attention is what the host sees.
     PREEMPT_AND_ABORT: _preempt,
     REGISTER_AND_IGNORE: _register_and_ignore,
     REGISTER_AND_MOVE: _register_and_move,
