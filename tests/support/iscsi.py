@@ -15,6 +15,7 @@ only the process it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -266,7 +267,8 @@ def run_test_cu(
     try:
         raw, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may just have exited
+            os.killpg(proc.pid, signal.SIGKILL)
         raw, _ = proc.communicate()
         raise HarnessError(
             f"{' '.join(cmd)} did not finish within {timeout}s:\n"
