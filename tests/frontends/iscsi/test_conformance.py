@@ -11,7 +11,8 @@ per-suite summary is printed to the terminal even when pytest captures output.
 
 The ReadOnly suite needs a write-protected LUN, so it runs again on a
 read-only LUN and on the target of a synced mirror (which hosts must see as
-write-protected).
+write-protected); the two-initiator suites run again through an ACL with
+CHAP that allows exactly the suite's two initiator names.
 """
 
 from __future__ import annotations
