@@ -111,7 +111,7 @@ def sn_le(a: int, b: int) -> bool:
     return a == b or sn_lt(a, b)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     itt: int
     lun: int
@@ -129,6 +129,8 @@ class Task:
     #: More data-out than :data:`MAX_TRANSFER`: answered without running it.
     too_long: bool = False
     buf: bytearray | None = None
+    #: All the data came as immediate data: used as it is, no buffer (the common small write).
+    whole: bytes | None = None
     #: Data that arrived before the buffer was granted (immediate and unsolicited).
     early: list[tuple[int, bytes]] = field(default_factory=list)
     received: int = 0
@@ -377,6 +379,11 @@ class Connection:
         unsolicited = 0 if self.params.initial_r2t else self.params.first_burst
         task.unsolicited_end = min(task.edtl, max(unsolicited, len(pdu.data)))
         task.in_unsolicited = not pdu.final and not self.params.initial_r2t
+        if pdu.final and len(pdu.data) >= task.want:
+            task.whole = pdu.data
+            task.received = len(pdu.data)
+            self._dispatch(task)
+            return
         if task.want and not self._grant(task):
             self._waiting.append(task)
         if pdu.data:
@@ -482,7 +489,10 @@ class Connection:
         if task.too_long:
             self._complete(task, ScsiResult(status=CHECK_CONDITION, sense=SENSE_TOO_LONG))
             return
-        data = memoryview(task.buf) if task.buf is not None else b""
+        if task.whole is not None:
+            data: bytes | memoryview = memoryview(task.whole)[: task.want]
+        else:
+            data = memoryview(task.buf) if task.buf is not None else b""
         cmd = ScsiCommand(
             lun=task.lun,
             cdb=task.cdb,

@@ -102,14 +102,25 @@ class ScsiTarget:
 
     def _execute(self, cmd: ScsiCommand) -> ScsiResult:
         cdb = _padded(cmd.cdb)
-        op = cdb[0]
-        nexus = cmd.nexus
-        lun = self.lun(nexus, cmd.lun)
-        if op == opcodes.REPORT_LUNS:
-            return self._report_luns(cdb, nexus)
+        if cdb[0] == opcodes.REPORT_LUNS:
+            return self._report_luns(cdb, cmd.nexus)
+        lun = self.lun(cmd.nexus, cmd.lun)
         if lun is None:
             return self._absent(cmd, cdb)
-        port = nexus.initiator_port
+        early = self._before(cdb, lun, cmd.nexus)
+        if early is not None:
+            return early
+        if cdb[0] >= opcodes.VENDOR_FIRST and self.vendor is not None:
+            return self.vendor.execute(lun, cmd)
+        command = opcodes.lookup(cdb)
+        if command is None or not self._offered(command):
+            raise invalid_opcode(cdb[0])
+        return self._run(command, cmd, cdb, lun)
+
+    def _before(self, cdb: bytes, lun: Lun, nexus: Nexus) -> ScsiResult | None:
+        """What answers a command before its handler runs: REQUEST SENSE and
+        INQUIRY, a pending unit attention, a reservation conflict."""
+        op, port = cdb[0], nexus.initiator_port
         self.attentions.admit(lun, port)
         if op == opcodes.REQUEST_SENSE:
             return self._request_sense(cdb, lun, port)
@@ -119,12 +130,7 @@ class ScsiTarget:
             return inquiry.inquiry(cdb, lun, nexus)
         if self.reservations is not None and self.reservations.conflicts(nexus, lun, cdb):
             return ScsiResult(status=RESERVATION_CONFLICT)
-        if op >= opcodes.VENDOR_FIRST and self.vendor is not None:
-            return self.vendor.execute(lun, cmd)
-        command = opcodes.lookup(cdb)
-        if command is None or not self._offered(command):
-            raise invalid_opcode(op)
-        return self._run(command, cmd, cdb, lun)
+        return None
 
     def _run(self, command: Command, cmd: ScsiCommand, cdb: bytes, lun: Lun) -> ScsiResult:
         if command.kind == Kind.RESERVATION:
