@@ -31,7 +31,7 @@ from lunseal.engine.array import CATALOG_FILE, Array
 from lunseal.engine.lun import run_on_lun
 from lunseal.errors import AddressInUse, InvalidArgument
 from lunseal.frontends.api.app import DaemonContext, create_app
-from lunseal.frontends.iscsi.acl import CatalogAccess, end_sessions_on_change
+from lunseal.frontends.iscsi.acl import CatalogAccess
 from lunseal.frontends.iscsi.server import IscsiServer, default_target_name
 from lunseal.frontends.nbd.server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -182,8 +182,23 @@ async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> 
         target_name=cfg.iscsi_target_name or default_target_name(array.array_id),
         policy=policy,
     )
-    end_sessions_on_change(array, server)
     await server.listen_socket(sock)
+    loop = asyncio.get_running_loop()
+
+    def acl_changed(_name: str) -> None:
+        # Every session is checked, not only the named initiator's: the first
+        # entry of an empty ACL takes access from everyone else.  On the loop
+        # (the API's routes) at once, so the change holds when the call returns.
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            server.access_changed()
+        else:
+            loop.call_soon_threadsafe(server.access_changed)
+
+    array.catalog.iscsi_acl.on_change.append(acl_changed)
     host = server.address[0] if server.address else cfg.iscsi_host
     if not _is_loopback(host) and not policy.configured:
         log.warning(

@@ -156,6 +156,8 @@ class IscsiAclStore:
             old = self._initiators.get(rec.name)
             created = old.created_at if old is not None else rec.created_at or time.time()
             rec = replace(rec, created_at=created)
+            if rec == old:
+                return False  # nothing changes: its sessions may carry on
             # LUNs deleted meanwhile are dropped: their rows went with them.
             rec = replace(rec, luns=self._save(rec))
             self._initiators[rec.name] = rec

@@ -185,7 +185,7 @@ class InbandClient:
             r = self._ini.command(self.target.lun, cdb, data_out=data_out, read_length=read_length)
             if not (r.status == CHECK_CONDITION and r.sense_key == UNIT_ATTENTION):
                 break
-        _raise_for(r.status, r.sense)
+        _raise_for(r.status, r.sense, f"LUN {self.target.lun} at {self.url}")
         return r
 
     def _out(self, action: sc.OutAction, params: bytes, list_id: int = 0) -> None:
@@ -202,7 +202,7 @@ class InbandClient:
             allocation = min(full, ALLOCATION_MAX)
 
 
-def _raise_for(status: int, sense: bytes) -> None:
+def _raise_for(status: int, sense: bytes, where: str) -> None:
     """The API's error for a CHECK CONDITION (see docs/iscsi-state-commands.md)."""
     if status == GOOD:
         return
@@ -221,8 +221,10 @@ def _raise_for(status: int, sense: bytes) -> None:
         raise cls(message)
     if key == sc.ILLEGAL_REQUEST and asc in (0x24, 0x26, 0x1A):
         raise InvalidArgument(message)
-    if key == sc.ILLEGAL_REQUEST and asc in (0x20, 0x25):
-        raise NotFound(f"{message} (is it a lunseal target, and does this initiator see the LUN?)")
+    if key == sc.ILLEGAL_REQUEST and asc == 0x25:
+        raise NotFound(f"no {where}, or this initiator does not see it")
+    if key == sc.ILLEGAL_REQUEST and asc == 0x20:
+        raise NotFound(f"{where} does not know the state commands: not a lunseal target")
     if key == sc.NOT_READY:
         raise LunUnavailable(message)
     raise LunsealError(message)

@@ -49,8 +49,12 @@ def error(response: httpx.Response, status: int, code: str) -> str:
     return str(body["message"])
 
 
-def test_open_until_an_initiator_is_allowed(http: httpx.Client, host: str) -> None:
+def test_open_until_an_initiator_is_allowed(
+    http: httpx.Client, host: str, api_daemon: Daemon
+) -> None:
     info = ok(http.get("/v1/iscsi"))
+    assert info["target"] == api_daemon.iscsi_target
+    assert info["portal"] == api_daemon.iscsi_portal
     assert info["open"] is True
     assert info["initiators"] == []
     created = ok(http.post(f"/v1/iscsi/initiators/{host}", json={}), 201)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lunseal.frontends.iscsi.access import ChapSecret
-from lunseal.host.iscsi.initiator import Initiator, IscsiError
+from lunseal.host.iscsi.initiator import Initiator, IscsiError, LoginRefused
 from lunseal.schema.iscsi import ChapBody, InitiatorAllow
 from tests.support.daemon import Daemon
 from tests.support.tools import require_tools
@@ -95,8 +95,9 @@ def test_without_an_acl_anyone_logs_in_and_sees_everything(daemon: Daemon) -> No
 
 def test_once_configured_only_allowed_initiators_log_in(daemon: Daemon) -> None:
     allow(daemon)
-    with pytest.raises(IscsiError):
+    with pytest.raises(LoginRefused) as refused:
         session(daemon, "iqn.2026-12.test.acl:stranger").close()
+    assert refused.value.status == 0x0202  # initiator error: forbidden
     with session(daemon, HOST.upper()) as ini:  # names compare case-insensitively
         assert luns_seen(ini) == [0, 1, 2]
 
@@ -113,10 +114,10 @@ def test_masking_and_read_only(daemon: Daemon) -> None:
 
 def test_chap_one_way_and_mutual(daemon: Daemon) -> None:
     allow(daemon, chap={"user": "h", "secret": SECRET})
-    with pytest.raises(IscsiError):
-        session(daemon).close()  # no CHAP offered
-    with pytest.raises(IscsiError):
-        session(daemon, chap=ChapSecret("h", "wrong-secret-00")).close()
+    for chap in (None, ChapSecret("h", "wrong-secret-00"), ChapSecret("x", SECRET)):
+        with pytest.raises(LoginRefused) as refused:
+            session(daemon, chap=chap).close()
+        assert refused.value.status == 0x0201  # initiator error: authentication failed
     with session(daemon, chap=ChapSecret("h", SECRET)) as ini:
         assert luns_seen(ini)
     with daemon.client() as api:
@@ -133,6 +134,8 @@ def test_changing_an_entry_ends_its_sessions(daemon: Daemon) -> None:
     with session(daemon) as ini, session(daemon, "iqn.2026-12.test.acl:bystander") as other:
         assert luns_seen(ini) == [0, 1, 2]
         assert luns_seen(other) == [0, 1, 2]
+        allow(daemon)  # the same again: nothing changes, the session carries on
+        assert luns_seen(ini) == [0, 1, 2]
         allow(daemon, luns={"two": "ro"})  # it logged in seeing everything read-write
         with pytest.raises(IscsiError):
             luns_seen(ini)
@@ -157,3 +160,11 @@ def test_libiscsi_tools_with_chap(daemon: Daemon, tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
     assert "lunseal" in good.stdout.lower()
     assert inq("lib%wrong-secret-000").returncode != 0
+
+
+def test_the_first_entry_closes_the_target_to_sessions_already_open(daemon: Daemon) -> None:
+    with session(daemon, "iqn.2026-12.test.acl:early") as early:
+        assert luns_seen(early) == [0, 1, 2]
+        allow(daemon)  # someone else: the target is no longer open
+        with pytest.raises(IscsiError):
+            luns_seen(early)

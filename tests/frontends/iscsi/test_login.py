@@ -7,6 +7,7 @@ import base64
 
 import pytest
 
+from lunseal.errors import CatalogError
 from lunseal.frontends.iscsi import login as lg
 from lunseal.frontends.iscsi import pdu as p
 from lunseal.frontends.iscsi import text
@@ -288,3 +289,14 @@ def test_lun_access_comes_from_the_policy() -> None:
 def test_malformed_login_text_is_an_initiator_error() -> None:
     reply = new().receive(_final(b"NoEqualsSign\0"))
     assert reply.status == lg.INITIATOR_ERROR
+
+
+class BrokenCatalog:
+    def login(self, initiator_name: str) -> InitiatorAccess | None:
+        raise CatalogError("catalog: disk I/O error")
+
+
+def test_an_unreadable_acl_is_service_unavailable() -> None:
+    reply = new(BrokenCatalog()).receive(request(NAMES | OPERATIONAL, 1, 3))
+    assert reply.status == lg.SERVICE_UNAVAILABLE
+    assert reply.status >> 8 == 0x03  # a target error: the initiator may retry

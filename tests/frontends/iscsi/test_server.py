@@ -22,7 +22,7 @@ from lunseal.frontends.iscsi import pdu as p
 from lunseal.frontends.iscsi import text
 from lunseal.frontends.iscsi.access import ChapSecret, InitiatorAccess
 from lunseal.frontends.iscsi.login import AUTH_FAILED, FORBIDDEN
-from lunseal.frontends.iscsi.server import IscsiServer
+from lunseal.frontends.iscsi.server import BATCH_BYTES, QUEUE_CAP, WRITE_HIGH_WATER, IscsiServer
 from lunseal.frontends.iscsi.session import MAX_TRANSFER
 from lunseal.frontends.scsi.cdb import MAX_TRANSFER_BLOCKS
 from lunseal.frontends.scsi.interface import CHECK_CONDITION, GOOD, LunAccess
@@ -382,3 +382,57 @@ def test_a_read_beyond_the_transfer_limit_is_refused(served: Served) -> None:
         assert r.sense[12] == 0x24  # INVALID FIELD IN CDB
         assert r.data == b""
         assert ini.command(2, read10(0, 8), read_length=4096).status == GOOD
+
+
+def test_a_client_that_never_reads_is_bounded_and_others_carry_on(served: Served) -> None:
+    """128 reads of 1 MiB whose answers are never read: the connection stops
+    reading at its cap instead of queueing 128 MiB; another session is served."""
+    with served.initiator() as good:
+        hog = served.raw()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        login_raw(hog, "iqn.2026-12.test:hog")
+        commands = b"".join(
+            p.scsi_command(
+                itt=i + 1,
+                lun=p.lun_field(0),
+                cdb=read10((i % 8) * 2048, 2048),
+                cmdsn=1 + i,
+                exp_statsn=0,
+                expected_length=1 << 20,
+                read=True,
+            )
+            for i in range(128)
+        )
+        hog.sendall(commands)
+        conns = served.call(
+            lambda: [
+                c for c in served.server.connections if c.peer.endswith(str(hog.getsockname()[1]))
+            ]
+        )
+        (conn,) = conns
+        deadline = time.monotonic() + 30
+        while not served.call(lambda: conn._reading_paused):
+            assert time.monotonic() < deadline, "the connection never stopped reading"
+            time.sleep(0.02)
+        assert good.command(0, read10(0, 8), read_length=4096).status == GOOD
+        cap = QUEUE_CAP + BATCH_BYTES + (1 << 20) + WRITE_HIGH_WATER
+        assert served.call(lambda: conn.peak_queued) <= cap
+        hog.close()
+        served.wait_connections(1)
+
+
+def test_an_acl_change_closes_sessions_that_lost_their_access(served: Served) -> None:
+    keep = served.initiator("iqn.2026-12.test:keep")
+    lose = served.initiator("iqn.2026-12.test:lose")
+    try:
+        served.acl.entries = {"iqn.2026-12.test:keep": InitiatorAccess()}
+        served.call(served.server.access_changed)
+        served.wait_connections(1)
+        with pytest.raises(IscsiError):
+            lose.command(0, TUR)
+        assert keep.command(0, TUR).status == GOOD  # same access as before: kept
+        with pytest.raises(LoginRefused):
+            served.initiator("iqn.2026-12.test:lose")
+    finally:
+        keep.close()
+        lose.close()

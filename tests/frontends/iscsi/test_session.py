@@ -620,3 +620,22 @@ def test_data_out_budget_holds_r2ts_back(array: Array, monkeypatch: pytest.Monke
     after = h.take()
     # a is done and its buffer freed: b gets its R2T.
     assert sorted((x.opcode, x.itt) for x in after) == [(p.SCSI_RESPONSE, a), (p.R2T, b)]
+
+
+def test_text_in_pieces_and_its_bound(array: Array) -> None:
+    h = Harness(array)
+    h.feed(p.text_request(itt=900, cmdsn=h.cmdsn, exp_statsn=0, data=b"SendTar", final=False))
+    h.cmdsn += 1
+    (part,) = h.take()
+    assert part.opcode == p.TEXT_RESPONSE
+    assert not part.flags & p.F_FINAL
+    assert part.ttt != p.RESERVED_TAG  # the initiator continues with this tag
+    h.feed(p.text_request(itt=900, cmdsn=h.cmdsn, exp_statsn=0, data=b"gets=All\0", ttt=part.ttt))
+    h.cmdsn += 1
+    (whole,) = h.take()
+    assert ("TargetName", TARGET) in text.parse(whole.data)
+    for _ in range(9):  # 72 KiB of text that never ends
+        h.feed(p.text_request(itt=901, cmdsn=h.cmdsn, exp_statsn=0, data=b"K" * 8192, final=False))
+        h.cmdsn += 1
+    assert h.conn.closing
+    assert h.take()[-1].opcode == p.REJECT

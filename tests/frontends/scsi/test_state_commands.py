@@ -241,6 +241,8 @@ def test_parameter_list_too_long_or_short(lun: Lun) -> None:
     assert field_pointer(result) == (True, 6, 7)
     result = run(lun, sc.state_out_cdb(sc.OutAction.ACQUIRE_HOLD, 4), b"\0" * 4)
     assert sense_of(result) == (sc.ILLEGAL_REQUEST, 0x1A, 0)
+    result = run(lun, sc.state_out_cdb(sc.OutAction.ACQUIRE_HOLD, 20), sc.string_parameters("ab"))
+    assert sense_of(result) == (sc.ILLEGAL_REQUEST, 0x0E, 0x03)  # less data than announced
     params = bytes([0, 0, 0, 0, 0, 9, 0, 0]) + b"ab"  # claims 9 bytes of name
     assert sense_of(out(lun, sc.OutAction.ACQUIRE_HOLD, params))[1] == 0x1A
 
@@ -256,6 +258,10 @@ def test_bad_parameter_fields(lun: Lun) -> None:
     assert field_pointer(out(lun, sc.OutAction.ACQUIRE_HOLD, exponent_without_map)) == (False, 2, 7)
     not_utf8 = bytes([0, 0, 0, 0, 0, 1, 0, 0, 0xFF])
     assert field_pointer(out(lun, sc.OutAction.ACQUIRE_HOLD, not_utf8)) == (False, 8, 7)
+    mode_on_release = bytes([1]) + sc.string_parameters("h")[1:]
+    assert field_pointer(out(lun, sc.OutAction.RELEASE_HOLD, mode_on_release)) == (False, 0, 7)
+    flag_on_check = bytes([0, 1]) + sc.string_parameters("t")[2:]
+    assert field_pointer(out(lun, sc.OutAction.CHECK_TOKEN, flag_on_check)) == (False, 1, 7)
     trailing = sc.string_parameters("h") + b"\x01"
     assert field_pointer(out(lun, sc.OutAction.RELEASE_HOLD, trailing)) == (False, 9, 7)
     assert read_token(lun).tracking is False  # nothing was acquired

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from lunseal.host.iscsi.initiator import Initiator
 from tests.interop.helpers import lun_io as qemu_io
 from tests.support.cli import cli, lunseal, ok, one_line_error
 from tests.support.daemon import Daemon
@@ -140,6 +141,13 @@ def test_state_in_band_matches_the_api_and_sees_nbd_writes(
     assert token.startswith("lst1.")
     assert ok(cli_daemon, "state", "get", name).strip() == token  # the API's token
     assert ok(cli_daemon, "state", "get", url).strip() == token
+    got = ok_json(cli_daemon, "state", "get", url)
+    assert (got["url"], got["token"], got["holds"], got["tracking"]) == (
+        url,
+        token,
+        ["backup"],
+        True,
+    )
     holds = ok_json(cli_daemon, "state", "holds", name)
     assert [(h["name"], h["token"]) for h in holds] == [("backup", token)]
     assert ok(cli_daemon, "state", "check", url, token).startswith("intact:")
@@ -176,7 +184,8 @@ def test_state_in_band_errors_exit_like_the_api(
         cli(cli_daemon, "state", "check", url, "garbage"), 2
     )
     bad = url.rsplit("/", 1)[0] + "/4000"
-    assert "LUN" in one_line_error(cli(cli_daemon, "state", "get", bad), 3)
+    line = one_line_error(cli(cli_daemon, "state", "get", bad), 3)
+    assert "no LUN 4000 at" in line
     ok(cli_daemon, "state", "disable", url, "--hold", "h")
 
 
@@ -226,12 +235,31 @@ def test_state_in_band_with_chap(
         assert result.stdout.strip() == token
         wrong = secret_file(tmp_path, "wrong", "not-the-right-one")
         result = cli(cli_daemon, "state", "get", url, *login, "--chap-secret-file", wrong)
-        assert "Traceback" not in result.stderr
-        assert result.returncode != 0
+        assert "authentication failed" in one_line_error(result, 1)
         # Not allowed at all: the ACL is closed to every other initiator.
         result = cli(cli_daemon, "state", "get", url)
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr
+        assert "initiator not allowed" in one_line_error(result, 1)
     finally:
         ok(cli_daemon, "iscsi", "deny", host)
+    ok(cli_daemon, "state", "disable", url)
+
+
+def test_a_write_over_iscsi_changes_the_token_read_in_band(
+    cli_daemon: Daemon, numbered: tuple[str, str]
+) -> None:
+    name, url = numbered
+    token = ok(cli_daemon, "state", "enable", url).strip()
+    number = int(url.rsplit("/", 1)[1])
+    with Initiator.connect("127.0.0.1", cli_daemon.iscsi_port) as ini:
+        ini.login(cli_daemon.iscsi_target)
+        write10 = bytes([0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0])
+        for _ in range(4):  # past the new session's unit attention
+            r = ini.command(number, write10, data_out=b"\x11" * 512)
+            if r.status == 0:
+                break
+        assert r.status == 0, r.sense.hex()
+    result = cli(cli_daemon, "state", "check", url, token)
+    assert result.returncode == 1, result.stderr
+    assert "written" in result.stdout
+    assert ok(cli_daemon, "state", "get", url) == ok(cli_daemon, "state", "get", name)
     ok(cli_daemon, "state", "disable", url)

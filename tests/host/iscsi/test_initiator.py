@@ -14,6 +14,7 @@ from lunseal.daemon import _is_loopback
 from lunseal.errors import InvalidArgument
 from lunseal.frontends.scsi.interface import GOOD
 from lunseal.host.iscsi.initiator import Initiator, IscsiError, LoginRefused, parse_url
+from lunseal.schema.iscsi import InitiatorAllow
 from tests.support.cli import lunseal, one_line_error
 from tests.support.daemon import Daemon
 
@@ -159,3 +160,25 @@ def test_a_bad_target_name_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--iscsi-target-name" in result.stderr
     assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.daemon
+def test_the_first_acl_entry_ends_other_initiators_sessions(iscsi_daemon: Daemon) -> None:
+    """Sessions that logged in while anyone could keep no access the ACL now denies."""
+    with Initiator.connect(
+        "127.0.0.1", iscsi_daemon.iscsi_port, name="iqn.2026-12.test:early"
+    ) as ini:
+        ini.login(iscsi_daemon.iscsi_target)
+        ini.command(0, bytes(6))
+        assert ini.command(0, bytes(6)).status == GOOD
+        with iscsi_daemon.client() as api:
+            api.allow_initiator("iqn.2026-12.test:other", InitiatorAllow())
+        with pytest.raises(IscsiError):
+            ini.command(0, bytes(6))
+    with (
+        Initiator.connect(
+            "127.0.0.1", iscsi_daemon.iscsi_port, name="iqn.2026-12.test:early"
+        ) as ini,
+        pytest.raises(LoginRefused),
+    ):
+        ini.login(iscsi_daemon.iscsi_target)

@@ -4,22 +4,17 @@ With no initiator configured anyone may log in and sees every LUN (as over
 NBD); once one is configured, only configured initiators may log in, each
 with its CHAP secrets and LUN masking (see :mod:`lunseal.engine.iscsi_acl`).
 The answer is taken at login: a session keeps the access it logged in with,
-so when an initiator's entry changes, :func:`end_sessions_on_change` ends its
-sessions and the new rules apply from its next login.
+so after any change to the ACL the server asks again for every session and
+ends those whose answer differs (``IscsiServer.access_changed``, hooked to
+``IscsiAclStore.on_change`` by the daemon).
 """
 
 from __future__ import annotations
-
-import logging
-from collections.abc import Mapping
-from typing import Protocol
 
 from lunseal.engine.array import Array
 from lunseal.engine.iscsi_acl import Chap, InitiatorRecord
 from lunseal.frontends.iscsi.access import ChapSecret, InitiatorAccess
 from lunseal.frontends.scsi.interface import LunAccess
-
-log = logging.getLogger(__name__)
 
 
 class CatalogAccess:
@@ -56,28 +51,3 @@ class CatalogAccess:
 
 def _secret(chap: Chap | None) -> ChapSecret | None:
     return None if chap is None else ChapSecret(chap.user, chap.secret)
-
-
-class _Session(Protocol):
-    def abort(self) -> None: ...
-
-
-class _Sessions(Protocol):
-    @property
-    def sessions(self) -> Mapping[tuple[str, bytes], _Session]:
-        """Logged-in sessions by (initiator name as sent, ISID)."""
-        ...
-
-
-def end_sessions_on_change(array: Array, server: _Sessions) -> None:
-    """A session keeps the access it logged in with, so when an initiator's ACL
-    entry changes (denied, other LUNs, other secrets) its sessions are ended:
-    the initiator logs in again under the new rules, or cannot."""
-
-    def changed(name: str) -> None:
-        for (initiator, _isid), session in list(server.sessions.items()):
-            if initiator.lower() == name:
-                log.info("iSCSI ACL of %s changed: ending its session", name)
-                session.abort()
-
-    array.catalog.iscsi_acl.on_change.append(changed)

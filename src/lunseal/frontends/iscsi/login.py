@@ -21,6 +21,7 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 
+from lunseal.errors import LunsealError
 from lunseal.frontends.iscsi import pdu as p
 from lunseal.frontends.iscsi import text
 from lunseal.frontends.iscsi.access import AccessPolicy, InitiatorAccess
@@ -37,6 +38,7 @@ CANNOT_INCLUDE = 0x0208
 SESSION_TYPE_UNSUPPORTED = 0x0209
 INVALID_DURING_LOGIN = 0x020B
 TARGET_ERROR = 0x0300
+SERVICE_UNAVAILABLE = 0x0301
 
 NORMAL = "Normal"
 DISCOVERY = "Discovery"
@@ -110,6 +112,9 @@ class Login:
             return LoginReply(flags=pdu.flags & 0x0C, status=exc.status, why=exc.why)
         except text.TextError as exc:
             return LoginReply(flags=pdu.flags & 0x0C, status=INITIATOR_ERROR, why=exc.message)
+        except LunsealError as exc:
+            # The ACL could not be read (a catalog error): try again later.
+            return LoginReply(flags=pdu.flags & 0x0C, status=SERVICE_UNAVAILABLE, why=exc.message)
 
     def _receive(self, pdu: p.Pdu) -> LoginReply:
         transit = bool(pdu.flags & p.F_TRANSIT)

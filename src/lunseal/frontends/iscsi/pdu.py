@@ -111,10 +111,11 @@ LOGIN_MAX_DATA = 8192
 MAX_AHS = 255 * 4
 
 _U32 = struct.Struct(">I")
-_BHS_HEAD = struct.Struct(">BBBBB3s8sI")  # opcode, flags, b2, b3, ahs words, dlen, lun, itt
-_TAIL = struct.Struct(">7I")  # bytes 20..47 as seven words
+_BHS_HEAD = struct.Struct(">BBBBI8sI")  # opcode, flags, b2, b3, ahs words+dlen, lun, itt
+_BHS_WORDS = struct.Struct(">BBBBI8sI7I")  # the same and bytes 20..47 as seven words
 
 _INITIAL_BUFFER = 64 << 10
+_NO_LUN = bytes(8)
 
 
 class PduError(ProtocolError):
@@ -371,15 +372,18 @@ def build_parts(
     zero); ``tail`` gives those 28 bytes raw instead."""
     if len(ahs) % 4 or len(ahs) > MAX_AHS:
         raise ValueError("AHS must be whole words, at most 1020 bytes")
-    if tail is None:
-        tail = _TAIL.pack(*(words + (0,) * (7 - len(words))))
     first = opcode | (0x40 if immediate else 0)
     dlen = len(data)
-    head = (
-        _BHS_HEAD.pack(first, flags, b2, b3, len(ahs) // 4, dlen.to_bytes(3, "big"), lun, itt)
-        + tail
-        + ahs
-    )
+    lengths = (len(ahs) << 22) | dlen  # TotalAHSLength in words, then 3 bytes of length
+    if tail is None:
+        # The common case in one pack: this runs once per PDU on the event loop.
+        if len(words) < 7:
+            words += (0,) * (7 - len(words))
+        head = _BHS_WORDS.pack(first, flags, b2, b3, lengths, lun, itt, *words)
+    else:
+        head = _BHS_HEAD.pack(first, flags, b2, b3, lengths, lun, itt) + tail
+    if ahs:
+        head += ahs
     if digests.header:
         head += _digest(head)
     if not dlen:
@@ -407,22 +411,24 @@ def build(
     digests: Digests = NO_DIGESTS,
 ) -> bytes:
     """One whole PDU as bytes (see :func:`build_parts`)."""
-    return b"".join(
-        build_parts(
-            opcode,
-            flags,
-            immediate=immediate,
-            b2=b2,
-            b3=b3,
-            lun=lun,
-            itt=itt,
-            words=words,
-            tail=tail,
-            ahs=ahs,
-            data=data,
-            digests=digests,
-        )
+    parts = build_parts(
+        opcode,
+        flags,
+        immediate=immediate,
+        b2=b2,
+        b3=b3,
+        lun=lun,
+        itt=itt,
+        words=words,
+        tail=tail,
+        ahs=ahs,
+        data=data,
+        digests=digests,
     )
+    head = parts[0]
+    if len(parts) == 1 and isinstance(head, bytes):
+        return head  # no data segment: nothing to join
+    return b"".join(parts)
 
 
 def _u16pair(a: int, b: int) -> int:
@@ -479,6 +485,38 @@ def scsi_response(
         data=data,
         digests=digests,
     )
+
+
+def scsi_status(
+    itt: int,
+    status: int,
+    statsn: int,
+    exp_cmdsn: int,
+    max_cmdsn: int,
+    residual_flags: int,
+    residual: int,
+    exp_datasn: int,
+    digests: Digests,
+) -> bytes:
+    """A SCSI Response without sense data, built in one pack: the hot path of
+    every command that moves no data-in (writes above all)."""
+    head = _BHS_WORDS.pack(
+        SCSI_RESPONSE,
+        F_FINAL | residual_flags,
+        0,
+        status,
+        0,
+        _NO_LUN,
+        itt,
+        0,
+        statsn,
+        exp_cmdsn,
+        max_cmdsn,
+        exp_datasn,
+        0,
+        residual,
+    )
+    return head + _digest(head) if digests.header else head
 
 
 def task_mgmt_response(

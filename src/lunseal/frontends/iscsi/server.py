@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: Unsent bytes plus data in flight above which a connection stops reading.
 QUEUE_CAP = 32 << 20
+#: Commands, and bytes of their data, handed to a worker in one job at most.
+MAX_BATCH = 64
+BATCH_BYTES = 4 << 20
 WRITE_HIGH_WATER = 8 << 20
 WRITE_LOW_WATER = 2 << 20
 SOCKET_BUFFER = 4 << 20
@@ -73,6 +76,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._inflight_bytes = 0
         self._inflight = 0
+        #: The most bytes this connection ever had queued (for tests and stats).
+        self.peak_queued = 0
         self._reading_paused = False
         self._write_paused = False
         self._closed = False
@@ -110,6 +115,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             portal=_address(transport.get_extra_info("sockname")),
             new_tsih=server.new_tsih,
         )
+        self.conn.peer = self.peer
         self._timers.append(self._loop.call_later(server.login_timeout, self._login_expired))
         self._keepalive = self._loop.call_later(server.keepalive, self._keepalive_tick)
         log.debug("iSCSI connection from %s", self.peer)
@@ -157,15 +163,21 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     # -- processing -------------------------------------------------------------------
 
-    def _backlogged(self) -> bool:
+    @property
+    def queued_bytes(self) -> int:
+        """Unsent bytes plus the data of commands in flight."""
         buffered = self.transport.get_write_buffer_size() if self.transport else 0
-        return self._write_paused or buffered + self._inflight_bytes > QUEUE_CAP
+        return buffered + self._inflight_bytes
+
+    def _backlogged(self) -> bool:
+        return self._write_paused or self.queued_bytes > QUEUE_CAP
 
     def _process(self) -> None:
         conn = self.conn
         if conn is None or self._closed:
             return
         was_full_feature = conn.full_feature
+        pending = 0  # data the commands parsed since the last hand-off stand for
         try:
             while not conn.closing and not self._backlogged():
                 pdu = conn.decoder.next_pdu()
@@ -175,8 +187,12 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 if conn.full_feature and not was_full_feature:
                     was_full_feature = True
                     self._logged_in()
-                if len(conn.work) >= 64:
+                if pdu.opcode == p.SCSI_COMMAND:
+                    pending += pdu.u32(20)
+                if len(conn.work) >= MAX_BATCH or pending >= BATCH_BYTES:
+                    # Hand off now, so what is in flight counts for backpressure.
                     self._run_work()
+                    pending = 0
         except p.PduError as exc:
             conn.fail(exc.message, exc.reject_reason, exc.header)
         except Exception:  # a bug must cost this connection only, never the target
@@ -209,6 +225,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if conn.out:
             out, conn.out = conn.out, []
             self.transport.writelines(out)
+            self.peak_queued = max(self.peak_queued, self.queued_bytes)
         if conn.closing and not self.transport.is_closing():
             if conn.reason and conn.reason != "logout":
                 log.warning("iSCSI connection from %s: %s; closing it", self.peer, conn.reason)
@@ -225,9 +242,14 @@ class IscsiConnection(asyncio.BufferedProtocol):
         work, conn.work = conn.work, []
         batch: list[CommandWork] = []
         batch_lun: Lun | None = None
+        found: dict[int, Lun | None] = {}  # one lookup per LUN per receive
         for item in work:
-            lun = self._lun_of(item)
-            if batch and lun is not batch_lun:
+            number = item.task.lun if isinstance(item, CommandWork) else item.lun
+            if number not in found:
+                found[number] = self._lun_of(number)
+            lun = found[number]
+            if batch and (lun is not batch_lun or isinstance(item, TmfWork)):
+                # A TMF runs after every command queued before it on that worker.
                 self._submit(batch_lun, batch)
                 batch = []
             if isinstance(item, TmfWork):
@@ -238,11 +260,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if batch:
             self._submit(batch_lun, batch)
 
-    def _lun_of(self, item: CommandWork | TmfWork) -> Lun | None:
+    def _lun_of(self, number: int) -> Lun | None:
         conn = self.conn
         assert conn is not None
         assert conn.nexus is not None
-        number = item.task.lun if isinstance(item, CommandWork) else item.lun
         if number < 0:
             return None
         return self.server.target.lun(conn.nexus, number)
@@ -252,6 +273,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         cost = sum(w.task.edtl for w in batch)
         self._inflight += 1
         self._inflight_bytes += cost
+        self.peak_queued = max(self.peak_queued, self.queued_bytes)
         items = list(batch)
 
         def job() -> list[ScsiResult]:
@@ -430,6 +452,23 @@ class IscsiServer:
             )
             old.abort()
         self.sessions[key] = connection
+
+    def access_changed(self) -> None:
+        """The ACL changed: a session whose initiator would now log in with
+        other access (or not at all) is closed, so the change applies at once;
+        the initiator logs in again under the new rules."""
+        for connection in list(self.connections):
+            conn = connection.conn
+            if conn is None or not conn.full_feature:
+                continue
+            now = self.policy.login(conn.login.initiator_name)
+            if now != conn.login.access:
+                log.info(
+                    "iSCSI session of %s from %s closed: its access changed",
+                    conn.login.initiator_name,
+                    connection.peer,
+                )
+                connection.abort()
 
     def forget(self, connection: IscsiConnection) -> None:
         if connection.conn is None:

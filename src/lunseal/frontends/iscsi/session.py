@@ -60,6 +60,8 @@ QUEUE_DEPTH = 128
 MAX_TRANSFER = 32 << 20
 #: Data-out buffer bytes a connection holds at most (one larger command always runs).
 DATA_OUT_BUDGET = 64 << 20
+#: Text a request may spread over continued PDUs before it is refused.
+MAX_TEXT = 64 << 10
 #: ITTs of aborted tasks remembered so their late Data-Out is ignored, not an error.
 ABORTED_MEMORY = 256
 SERIAL = 1 << 32
@@ -192,6 +194,8 @@ class Connection:
         self.closing = False
         #: Why the connection is closing (for the log).
         self.reason = ""
+        #: Who is at the other end, for log lines (the server sets it).
+        self.peer = "?"
         self.statsn = secrets.randbelow(1 << 31)
         self.exp_cmdsn = 0
         self.tasks: dict[int, Task] = {}
@@ -339,15 +343,16 @@ class Connection:
         if not self._accept_cmdsn(pdu):
             return
         number = p.lun_number(pdu.lun_field)
-        task = Task(
-            itt=pdu.itt,
-            lun=-1 if number is None else number,
-            lun_field=pdu.lun_field,
-            cdb=pdu.bhs[32:48],
-            edtl=pdu.u32(20),
-            read=bool(pdu.flags & p.F_READ),
-            write=bool(pdu.flags & p.F_WRITE),
-            cmdsn=pdu.cmdsn,
+        flags = pdu.flags
+        task = Task(  # positional: this runs once per command on the event loop
+            pdu.itt,
+            -1 if number is None else number,
+            pdu.lun_field,
+            pdu.bhs[32:48],
+            pdu.u32(20),
+            bool(flags & p.F_READ),
+            bool(flags & p.F_WRITE),
+            pdu.cmdsn,
         )
         if pdu.data and (not task.write or not self.params.immediate_data):
             self.fail(
@@ -478,7 +483,7 @@ class Connection:
         """A Data-Out out of sequence: Reject it and end its task, which the
         initiator then fails (ERL 0 recovers nothing within a command).  The
         connection and the other tasks carry on."""
-        log.warning("%s; rejecting it and aborting the command", why)
+        log.warning("iSCSI initiator %s: %s; rejecting it and aborting the command", self.peer, why)
         self._reject(p.REJECT_PROTOCOL_ERROR, pdu.bhs)
         if task is not None:
             self._abort(task)
@@ -540,16 +545,33 @@ class Connection:
         datasn = self._send_data_in(task, view[:send], result, flags, residual)
         if datasn < 0:
             return  # status went in the last Data-In
+        if result.status == CHECK_CONDITION and result.sense:
+            self.out.append(
+                p.scsi_response(
+                    itt=task.itt,
+                    status=result.status,
+                    residual_flags=flags,
+                    residual=residual,
+                    sense=result.sense,
+                    exp_datasn=datasn + task.r2tsn,
+                    digests=self.digests,
+                    **self._status_sns(),
+                )
+            )
+            return
+        statsn = self.statsn
+        self.statsn = (statsn + 1) % SERIAL
         self.out.append(
-            p.scsi_response(
-                itt=task.itt,
-                status=result.status,
-                residual_flags=flags,
-                residual=residual,
-                sense=result.sense if result.status == CHECK_CONDITION else b"",
-                exp_datasn=datasn + task.r2tsn,
-                digests=self.digests,
-                **self._status_sns(),
+            p.scsi_status(
+                task.itt,
+                result.status,
+                statsn,
+                self.exp_cmdsn,
+                self.max_cmdsn,
+                flags,
+                residual,
+                datasn + task.r2tsn,
+                self.digests,
             )
         )
 
@@ -637,7 +659,7 @@ class Connection:
         if not self._accept_cmdsn(pdu):
             return
         self._text += pdu.data
-        if len(self._text) > login_text_limit():
+        if len(self._text) > MAX_TEXT:
             self.fail("text request too long", p.REJECT_PROTOCOL_ERROR, pdu.bhs)
             return
         if not pdu.final:
@@ -781,10 +803,6 @@ class Connection:
         )
         self.reason = "logout"
         self.closing = True
-
-
-def login_text_limit() -> int:
-    return 64 << 10
 
 
 def _residual(total: int, edtl: int) -> tuple[int, int]:

@@ -86,6 +86,7 @@ ASC_INVALID_COMMAND = 0x20
 ASC_INVALID_FIELD_IN_CDB = 0x24
 ASC_INVALID_FIELD_IN_PARAMETERS = 0x26
 ASC_NOT_READY = 0x04
+ASC_INVALID_FIELD_IN_IU = 0x0E
 ASC_INTERNAL_FAILURE = 0x44
 #: Vendor-specific additional sense codes (SPC-4 reserves 80h-FFh for vendors).
 ASC_STATE = 0x80
@@ -270,10 +271,15 @@ def _parameters(cdb: StateCdb, data: bytes) -> tuple[bytes, str]:
     """The header and the string of a STATE OUT parameter list."""
     if cdb.length > MAX_PARAMETER_LENGTH:
         raise _cdb_field(6, 7, f"parameter list length {cdb.length} exceeds {MAX_PARAMETER_LENGTH}")
-    if cdb.length < HEADER or len(data) < cdb.length:
-        raise _length_error(
-            f"parameter list of {min(len(data), cdb.length)} bytes; at least {HEADER} needed"
+    if cdb.length < HEADER:
+        raise _length_error(f"parameter list of {cdb.length} bytes; at least {HEADER} needed")
+    if len(data) < cdb.length:
+        # The transport's expected length and the CDB disagree (as for WRITE).
+        message = (
+            f"the CDB announces {cdb.length} bytes of parameters, the initiator sent {len(data)}"
         )
+        sense = sense_data(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_IU, 0x03, message=message)
+        raise StateCommandError(sense, message)
     data = data[: cdb.length]
     (n,) = struct.unpack_from(">H", data, 4)
     if HEADER + n > len(data):
@@ -351,7 +357,7 @@ def decode_token_report(data: bytes) -> TokenReport:
     mode = MODES_BY_CODE.get(mode_code)
     if mode is None or 4 + t > len(body):
         raise InvalidArgument("READ TOKEN data is malformed")
-    token = body[4 : 4 + t].decode() or None
+    token = _text(body[4 : 4 + t]) or None
     holds, i = [], 4 + t
     while i < len(body):
         if i + 8 > len(body):
@@ -359,8 +365,8 @@ def decode_token_report(data: bytes) -> TokenReport:
         n, k, exponent = struct.unpack_from(">HHB", body, i)
         if i + 8 + n + k > len(body):
             raise InvalidArgument("READ TOKEN hold descriptor is truncated")
-        name = body[i + 8 : i + 8 + n].decode()
-        tok = body[i + 8 + n : i + 8 + n + k].decode()
+        name = _text(body[i + 8 : i + 8 + n])
+        tok = _text(body[i + 8 + n : i + 8 + n + k])
         holds.append(HoldToken(name, tok, (1 << exponent) if exponent else None))
         i += 8 + n + k
     return TokenReport(bool(flags & 1), bool(flags & 2), mode, token, holds)
@@ -380,9 +386,16 @@ def decode_check_report(data: bytes) -> CheckReport:
     result, r, c = struct.unpack_from(">BxHH", body)
     if result > 1 or 8 + r + c > len(body):
         raise InvalidArgument("REPORT CHECK RESULT data is malformed")
-    reason = body[8 : 8 + r].decode()
-    current = body[8 + r : 8 + r + c].decode() or None
+    reason = _text(body[8 : 8 + r])
+    current = _text(body[8 + r : 8 + r + c]) or None
     return CheckReport(result == 0, reason, current)
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument("state command data holds a string that is not UTF-8") from None
 
 
 def _body(data: bytes) -> bytes:
@@ -477,31 +490,39 @@ def _who(cmd: ScsiCommand) -> str:
 
 def _run(lun: Lun, cmd: ScsiCommand, cdb: StateCdb) -> bytes:
     tracker = tracker_of(lun)
-    if cdb.opcode == STATE_IN:
-        if cdb.action == InAction.READ_TOKEN:
-            return encode_token_report(token_report(tracker))
-        return encode_check_report(_stored_result(lun, cmd, cdb))
+    if cdb.opcode == STATE_OUT:
+        _state_out(tracker, cmd, cdb)
+        return b""
+    if cdb.action == InAction.READ_TOKEN:
+        return encode_token_report(token_report(tracker))
+    return encode_check_report(_stored_result(lun, cmd, cdb))
+
+
+def _state_out(tracker: StateTracker, cmd: ScsiCommand, cdb: StateCdb) -> None:
+    lun = tracker.lun
     head, text = _parameters(cdb, bytes(cmd.data_out))
     if cdb.action == OutAction.ACQUIRE_HOLD:
         req = _hold_request(head, text)
         tracker.acquire(req.name, mode=req.mode, granularity=req.granularity)
         log.info("LUN %s: hold %r acquired in-band by %s", lun.name, req.name, _who(cmd))
-    elif cdb.action == OutAction.RELEASE_HOLD:
-        if any(head):
-            raise _param_field(next(i for i, b in enumerate(head) if b), 7, "reserved byte set")
-        tracker.release(text or DEFAULT_HOLD)
-        log.info("LUN %s: hold %r released in-band by %s", lun.name, text, _who(cmd))
-    else:
-        if any(head):
-            raise _param_field(next(i for i, b in enumerate(head) if b), 7, "reserved byte set")
-        outcome = tracker.check(text)
-        log.info(
-            "LUN %s: token checked in-band by %s: intact=%s", lun.name, _who(cmd), outcome.intact
-        )
-        RESULTS.put(
-            _result_key(lun, cmd, cdb), CheckReport(outcome.intact, outcome.reason, outcome.current)
-        )
-    return b""
+        return
+    _no_fields(head)
+    if cdb.action == OutAction.RELEASE_HOLD:
+        name = text or DEFAULT_HOLD
+        tracker.release(name)
+        log.info("LUN %s: hold %r released in-band by %s", lun.name, name, _who(cmd))
+        return
+    outcome = tracker.check(text)
+    log.info("LUN %s: token checked in-band by %s: intact=%s", lun.name, _who(cmd), outcome.intact)
+    report = CheckReport(outcome.intact, outcome.reason, outcome.current)
+    RESULTS.put(_result_key(lun, cmd, cdb), report)
+
+
+def _no_fields(head: bytes) -> None:
+    """RELEASE HOLD and CHECK TOKEN use none of the header's first four bytes."""
+    for i, byte in enumerate(head):
+        if byte:
+            raise _param_field(i, 7, f"reserved byte {i} of the parameter list is not zero")
 
 
 def token_report(tracker: StateTracker) -> TokenReport:
