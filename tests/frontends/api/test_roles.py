@@ -83,15 +83,15 @@ def declared_role(route: APIRoute) -> Role | None:
 def test_every_route_declares_a_role(tmp_path: Path) -> None:
     routes = app_routes(tmp_path)
     assert routes
-    missing = [f"{sorted(r.methods)} {r.path}" for r in routes if declared_role(r) is None]
+    missing = [f"{sorted(r.methods or ())} {r.path}" for r in routes if declared_role(r) is None]
     assert not missing, f"routes without an allow(Role...) dependency: {missing}"
 
 
 def test_every_endpoint_is_in_the_table(tmp_path: Path) -> None:
-    found = {}
+    found: dict[tuple[str, str], str | None] = {}
     for route in app_routes(tmp_path):
         role = declared_role(route)
-        for method in route.methods:
+        for method in route.methods or ():
             found[(method, route.path)] = role.label if role else None
     assert found == NEEDS
 
@@ -139,7 +139,7 @@ def test_each_role_on_every_endpoint(
     expect_audited = []
     with client(daemon, secrets_by_role[role]) as http:
         for (method, path), needs in sorted(NEEDS.items()):
-            body = None if method in ("GET", "DELETE") else {}
+            body: dict[str, object] | None = None if method in ("GET", "DELETE") else {}
             r = http.request(method, concrete(path), json=body)
             allowed = RANK[role] >= RANK[needs]
             assert r.status_code != 401, (method, path, r.text)
