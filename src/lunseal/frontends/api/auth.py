@@ -77,7 +77,14 @@ def install_auth(
             response = refuse(exc)
         else:
             request.state.principal = who
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:
+                # A bug, answered 500 further out: the attempt is still on record.
+                if request.method not in READ_METHODS:
+                    request.state.audit_error = f"internal error: {type(exc).__name__}"
+                    _record(audit, request, who, 500)
+                raise
         if request.method not in READ_METHODS:
             _record(audit, request, who, response.status_code)
         return response
