@@ -16,6 +16,7 @@ data on the classes, so each front end maps errors in exactly one place::
     +-- BackendError           the storage failed                     (500, EIO)
     +-- CatalogError           the catalog (SQLite) failed, e.g. full (503, EIO)
     +-- Unauthorized           missing or wrong API token             (401)
+    +-- Forbidden              the token's role may not do this       (403)
     +-- DaemonUnavailable      the CLI cannot reach a daemon          (exit 5)
     +-- DataDirLocked          another daemon owns the data directory (exit 6)
     +-- AddressInUse           a port the daemon should listen on is taken (exit 6)
@@ -121,6 +122,14 @@ class Unauthorized(LunsealError):
     code = "unauthorized"
 
 
+class Forbidden(LunsealError):
+    """A valid API token whose role does not allow the request."""
+
+    http_status = 403
+    exit_code = 7
+    code = "forbidden"
+
+
 class DaemonUnavailable(LunsealError):
     http_status = 503
     exit_code = 5
@@ -169,6 +178,7 @@ ERRORS_BY_CODE: dict[str, type[LunsealError]] = {
         BackendError,
         CatalogError,
         Unauthorized,
+        Forbidden,
         DaemonUnavailable,
         DataDirLocked,
         AddressInUse,

@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from lunseal.engine.access import ApiTokenStore, AuditStore
 from lunseal.engine.iscsi_acl import IscsiAclStore
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror.store import SqliteMirrorStore
@@ -287,6 +288,8 @@ class Catalog:
             self.mirrors = SqliteMirrorStore(self._db)
             self.reservations = SqlitePrStore(self._db)
             self.iscsi_acl = IscsiAclStore(self._db)
+            self.api_tokens = ApiTokenStore(self._db)
+            self.audit = AuditStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
             raise

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from lunseal.errors import ERRORS_BY_CODE, DaemonUnavailable, InvalidArgument, LunsealError
 from lunseal.home import Home
+from lunseal.schema.access import AuditEntry, TokenCreate, TokenCreated, TokenInfo
 from lunseal.schema.iscsi import ChapBody, ChapSet, InitiatorAllow, InitiatorInfo, IscsiInfo
 from lunseal.schema.luns import ArrayStatus, LunCreate, LunGrow, LunInfo, LunRepoint, LunUpdate
 from lunseal.schema.mirrors import (
@@ -48,12 +49,14 @@ class ArrayClient:
         )
 
     @classmethod
-    def for_home(cls, root: Path) -> ArrayClient:
-        """Connect to the daemon that serves the data directory ``root``."""
+    def for_home(cls, root: Path, token: str | None = None) -> ArrayClient:
+        """Connect to the daemon that serves the data directory ``root``, with
+        ``token``, else the data directory's first-start admin token."""
         home = Home(root)
         try:
             info = json.loads(home.daemon_info.read_text())
-            token = home.api_token.read_text().strip()
+            if token is None:
+                token = home.api_token.read_text().strip()
         except FileNotFoundError:
             raise DaemonUnavailable(
                 f"no lunseal daemon is running for {root} (start one with: "
@@ -253,6 +256,23 @@ class ArrayClient:
             body = ChapSet(chap=chap, mutual=mutual).model_dump(exclude_none=True)
             response = self._call("PUT", path, json=body)
         return InitiatorInfo.model_validate(response.json())
+
+    # -- API tokens and the audit trail ---------------------------------------------------
+
+    def create_token(self, name: str, role: str) -> TokenCreated:
+        body = TokenCreate.model_validate({"name": name, "role": role}).model_dump()
+        return TokenCreated.model_validate(self._call("POST", "/v1/tokens", json=body).json())
+
+    def list_tokens(self) -> list[TokenInfo]:
+        return [TokenInfo.model_validate(t) for t in self._call("GET", "/v1/tokens").json()]
+
+    def revoke_token(self, name: str) -> None:
+        self._call("DELETE", f"/v1/tokens/{_quote(name)}")
+
+    def audit(self, since: float = 0.0, limit: int = 1000) -> list[AuditEntry]:
+        params = {"since": repr(since), "limit": str(limit)}
+        response = self._call("GET", "/v1/audit", params=params)
+        return [AuditEntry.model_validate(e) for e in response.json()]
 
 
 def _quote(name: str) -> str:

@@ -225,10 +225,12 @@ def test_home_from_the_environment(cli_daemon: Daemon) -> None:
 
 
 def test_url_and_token(cli_daemon: Daemon, tmp_path: Path) -> None:
+    # --token still works, with a warning: ps shows a command line to every local user.
     args = ["--home", str(tmp_path), "--url", cli_daemon.api_url, "--token", cli_daemon.token]
     result = run(*args, "--json", "lun", "list")
     assert result.returncode == 0, result.stderr
     assert "demo" in [lun["name"] for lun in json.loads(result.stdout)]
+    assert "warning: --token shows in ps" in result.stderr
 
 
 def test_url_and_token_from_the_environment(cli_daemon: Daemon) -> None:
@@ -241,9 +243,9 @@ def test_url_and_token_from_the_environment(cli_daemon: Daemon) -> None:
 GLOBALS_AFTER: list[tuple[str, ...]] = [
     ("status", "--home", "{home}", "--json"),
     ("lun", "list", "--home={home}", "--json"),
-    ("lun", "show", "demo", "--json", "--url", "{url}", "--token", "{token}"),
+    ("lun", "show", "demo", "--json", "--url", "{url}", "--token-file", "{token_file}"),
     ("mirror", "status", "--json", "--home", "{home}"),
-    ("state", "holds", "demo", "--url={url}", "--token={token}", "--json"),
+    ("state", "holds", "demo", "--url={url}", "--token-file={token_file}", "--json"),
 ]
 
 
@@ -251,7 +253,11 @@ GLOBALS_AFTER: list[tuple[str, ...]] = [
 def test_global_options_after_the_subcommand(
     cli_daemon: Daemon, tmp_path: Path, args: tuple[str, ...]
 ) -> None:
-    values = {"home": str(cli_daemon.home), "url": cli_daemon.api_url, "token": cli_daemon.token}
+    values = {
+        "home": str(cli_daemon.home),
+        "url": cli_daemon.api_url,
+        "token_file": str(cli_daemon.home / "api-token"),
+    }
     # A wrong home in the environment: the option given after the subcommand wins.
     result = run(*(a.format(**values) for a in args), env={"LUNSEAL_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
@@ -276,7 +282,8 @@ def test_options_after_double_dash_stay_arguments(cli_daemon: Daemon) -> None:
 
 
 def test_wrong_token_is_exit_7(cli_daemon: Daemon) -> None:
-    result = run("--url", cli_daemon.api_url, "--token", "wrong", "lun", "list")
+    env = {"LUNSEAL_TOKEN": "wrong"}
+    result = run("--url", cli_daemon.api_url, "lun", "list", env=env)
     assert "missing or wrong API token" in assert_one_line_error(result, 7)
 
 

@@ -3,19 +3,17 @@
 Handlers are ``async`` on purpose: they then run on the loop thread, the same
 thread that serves NBD, so the engine is never entered concurrently.
 
-Every path, including the OpenAPI description, requires the bearer token;
-the check is a middleware so a bad request is refused before any routing,
-validation or handler runs.
+Every path, including the OpenAPI description, requires a bearer token
+(``auth.py``); each route declares the role it needs, and every call that may
+change state is written to the audit trail.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +23,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lunseal import __version__
+from lunseal.engine.access import Role
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun
 from lunseal.engine.sqlite_guard import catalog_error
 from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
+from lunseal.frontends.api.access_routes import install_access_routes
+from lunseal.frontends.api.auth import allow, install_auth, note_error
 from lunseal.frontends.api.iscsi_routes import install_iscsi_routes
 from lunseal.frontends.api.mirror_routes import install_mirror_routes
 from lunseal.frontends.api.state_routes import install_state_routes
@@ -49,6 +50,7 @@ from lunseal.units import parse_size
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody, "description": "invalid argument"},
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    403: {"model": ErrorBody, "description": "the token's role may not do this"},
     404: {"model": ErrorBody, "description": "no such LUN"},
     409: {"model": ErrorBody, "description": "conflict (name or number taken, LUN in use)"},
     503: {"model": ErrorBody, "description": "the catalog failed (e.g. its disk is full); retry"},
@@ -77,26 +79,15 @@ def create_app(ctx: DaemonContext) -> FastAPI:
         "`Authorization: Bearer <token>`; the token is in the data directory's api-token file.",
         responses=_ERRORS,
     )
-    _install_auth(app, ctx.token)
+    catalog = ctx.array.catalog
+    install_auth(app, ctx.token, catalog.api_tokens, catalog.audit, _error_response)
     _install_error_handlers(app)
     _install_routes(app, ctx)
     install_state_routes(app, ctx.array)
     install_mirror_routes(app, ctx.array)
     install_iscsi_routes(app, ctx.array, lambda: (ctx.iscsi_target, ctx.iscsi_portal))
+    install_access_routes(app, catalog.api_tokens, catalog.audit)
     return app
-
-
-def _install_auth(app: FastAPI, token: str) -> None:
-    expected = f"Bearer {token}".encode()
-
-    @app.middleware("http")
-    async def require_token(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):
-            return _error_response(Unauthorized("missing or wrong API token"))
-        return await call_next(request)
 
 
 def _error_response(exc: LunsealError) -> JSONResponse:
@@ -108,6 +99,7 @@ def _error_response(exc: LunsealError) -> JSONResponse:
 def _install_error_handlers(app: FastAPI) -> None:
     async def on_lunseal_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LunsealError)
+        note_error(request, exc)
         return _error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -184,7 +176,9 @@ def _read_only_reason(lun: Lun) -> str:
 def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
     array, nbd = ctx.array, ctx.nbd
 
-    @app.get("/v1/status", response_model=ArrayStatus, tags=["array"])
+    @app.get(
+        "/v1/status", dependencies=[allow(Role.MONITOR)], response_model=ArrayStatus, tags=["array"]
+    )
     async def status() -> ArrayStatus:
         tcp = nbd.tcp_address
         return ArrayStatus(
@@ -203,11 +197,19 @@ def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
             api_url=ctx.api_url,
         )
 
-    @app.get("/v1/luns", response_model=list[LunInfo], tags=["luns"])
+    @app.get(
+        "/v1/luns", dependencies=[allow(Role.MONITOR)], response_model=list[LunInfo], tags=["luns"]
+    )
     async def list_luns() -> list[LunInfo]:
         return [lun_info(lun, nbd) for lun in array.luns()]
 
-    @app.post("/v1/luns", response_model=LunInfo, status_code=201, tags=["luns"])
+    @app.post(
+        "/v1/luns",
+        dependencies=[allow(Role.ADMIN)],
+        response_model=LunInfo,
+        status_code=201,
+        tags=["luns"],
+    )
     async def create_lun(body: LunCreate) -> LunInfo:
         size = None if body.size is None else parse_size(body.size)
         lun = array.create_lun(
@@ -219,27 +221,41 @@ def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
         )
         return lun_info(lun, nbd)
 
-    @app.get("/v1/luns/{name}", response_model=LunInfo, tags=["luns"])
+    @app.get(
+        "/v1/luns/{name}", dependencies=[allow(Role.MONITOR)], response_model=LunInfo, tags=["luns"]
+    )
     async def show_lun(name: str) -> LunInfo:
         return lun_info(array.lun(name), nbd)
 
-    @app.patch("/v1/luns/{name}", response_model=LunInfo, tags=["luns"])
+    @app.patch(
+        "/v1/luns/{name}", dependencies=[allow(Role.ADMIN)], response_model=LunInfo, tags=["luns"]
+    )
     async def update_lun(name: str, body: LunUpdate) -> LunInfo:
         lun = array.lun(name)
         if body.read_only is not None:
             lun = array.set_read_only(name, body.read_only)
         return lun_info(lun, nbd)
 
-    @app.post("/v1/luns/{name}/repoint", response_model=LunInfo, tags=["luns"])
+    @app.post(
+        "/v1/luns/{name}/repoint",
+        dependencies=[allow(Role.ADMIN)],
+        response_model=LunInfo,
+        tags=["luns"],
+    )
     async def repoint_lun(name: str, body: LunRepoint) -> LunInfo:
         """Serve the LUN from another existing file of its size; its state token changes."""
         return lun_info(array.repoint_lun(name, Path(body.path)), nbd)
 
-    @app.post("/v1/luns/{name}/grow", response_model=LunInfo, tags=["luns"])
+    @app.post(
+        "/v1/luns/{name}/grow",
+        dependencies=[allow(Role.ADMIN)],
+        response_model=LunInfo,
+        tags=["luns"],
+    )
     async def grow_lun(name: str, body: LunGrow) -> LunInfo:
         return lun_info(array.grow_lun(name, parse_size(body.size)), nbd)
 
-    @app.delete("/v1/luns/{name}", status_code=204, tags=["luns"])
+    @app.delete("/v1/luns/{name}", dependencies=[allow(Role.ADMIN)], status_code=204, tags=["luns"])
     async def delete_lun(name: str, force: bool = False) -> Response:
         array.delete_lun(name, force=force)
         return Response(status_code=204)

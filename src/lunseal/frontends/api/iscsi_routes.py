@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Response
 
+from lunseal.engine.access import Role
 from lunseal.engine.array import Array
 from lunseal.engine.iscsi_acl import Chap, InitiatorRecord
+from lunseal.frontends.api import auth
 from lunseal.schema.iscsi import (
     ChapBody,
     ChapSet,
@@ -68,7 +70,12 @@ def _allowed(
 def install_iscsi_routes(app: FastAPI, array: Array, target: TargetInfo) -> None:
     store = array.catalog.iscsi_acl
 
-    @app.get("/v1/iscsi", response_model=IscsiInfo, tags=["iscsi"])
+    @app.get(
+        "/v1/iscsi",
+        dependencies=[auth.allow(Role.MONITOR)],
+        response_model=IscsiInfo,
+        tags=["iscsi"],
+    )
     async def show() -> IscsiInfo:
         """The target's name and portal and the initiator ACL (never a secret)."""
         name, portal = target()
@@ -79,11 +86,21 @@ def install_iscsi_routes(app: FastAPI, array: Array, target: TargetInfo) -> None
             initiators=[initiator_info(array, rec) for rec in store.initiators()],
         )
 
-    @app.get("/v1/iscsi/initiators/{name}", response_model=InitiatorInfo, tags=["iscsi"])
+    @app.get(
+        "/v1/iscsi/initiators/{name}",
+        dependencies=[auth.allow(Role.MONITOR)],
+        response_model=InitiatorInfo,
+        tags=["iscsi"],
+    )
     async def show_initiator(name: str) -> InitiatorInfo:
         return initiator_info(array, store.require(name))
 
-    @app.post("/v1/iscsi/initiators/{name}", response_model=InitiatorInfo, tags=["iscsi"])
+    @app.post(
+        "/v1/iscsi/initiators/{name}",
+        dependencies=[auth.allow(Role.ADMIN)],
+        response_model=InitiatorInfo,
+        tags=["iscsi"],
+    )
     async def allow(name: str, body: InitiatorAllow, response: Response) -> InitiatorInfo:
         """Allow an initiator to log in (the first one closes the target to all others),
         or change the parts given of one already allowed.  201 when it is new."""
@@ -92,30 +109,53 @@ def install_iscsi_routes(app: FastAPI, array: Array, target: TargetInfo) -> None
             response.status_code = 201
         return initiator_info(array, store.require(name))
 
-    @app.delete("/v1/iscsi/initiators/{name}", status_code=204, tags=["iscsi"])
+    @app.delete(
+        "/v1/iscsi/initiators/{name}",
+        dependencies=[auth.allow(Role.ADMIN)],
+        status_code=204,
+        tags=["iscsi"],
+    )
     async def deny(name: str) -> Response:
         """Forget an initiator; with none left, anyone may log in again."""
         store.delete(name)
         return Response(status_code=204)
 
-    @app.put("/v1/iscsi/initiators/{name}/luns/{lun}", response_model=InitiatorInfo, tags=["iscsi"])
+    @app.put(
+        "/v1/iscsi/initiators/{name}/luns/{lun}",
+        dependencies=[auth.allow(Role.ADMIN)],
+        response_model=InitiatorInfo,
+        tags=["iscsi"],
+    )
     async def set_lun(name: str, lun: str, body: LunAccessSet) -> InitiatorInfo:
         rec = store.set_lun(name, array.lun(lun).record.uuid, body.access)
         return initiator_info(array, rec)
 
     @app.delete(
-        "/v1/iscsi/initiators/{name}/luns/{lun}", response_model=InitiatorInfo, tags=["iscsi"]
+        "/v1/iscsi/initiators/{name}/luns/{lun}",
+        dependencies=[auth.allow(Role.ADMIN)],
+        response_model=InitiatorInfo,
+        tags=["iscsi"],
     )
     async def hide_lun(name: str, lun: str) -> InitiatorInfo:
         """The initiator no longer sees the LUN (refused while it sees every LUN)."""
         rec = store.set_lun(name, array.lun(lun).record.uuid, "none")
         return initiator_info(array, rec)
 
-    @app.put("/v1/iscsi/initiators/{name}/chap", response_model=InitiatorInfo, tags=["iscsi"])
+    @app.put(
+        "/v1/iscsi/initiators/{name}/chap",
+        dependencies=[auth.allow(Role.ADMIN)],
+        response_model=InitiatorInfo,
+        tags=["iscsi"],
+    )
     async def set_chap(name: str, body: ChapSet) -> InitiatorInfo:
         rec = store.set_chap(name, _chap(body.chap), _chap(body.mutual))
         return initiator_info(array, rec)
 
-    @app.delete("/v1/iscsi/initiators/{name}/chap", response_model=InitiatorInfo, tags=["iscsi"])
+    @app.delete(
+        "/v1/iscsi/initiators/{name}/chap",
+        dependencies=[auth.allow(Role.ADMIN)],
+        response_model=InitiatorInfo,
+        tags=["iscsi"],
+    )
     async def clear_chap(name: str) -> InitiatorInfo:
         return initiator_info(array, store.set_chap(name, None, None))

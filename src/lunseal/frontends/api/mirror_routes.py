@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Response
 
+from lunseal.engine.access import Role
 from lunseal.engine.array import Array
 from lunseal.engine.lun import Lun, run_on_lun
 from lunseal.engine.mirror.mirror import SOURCE, TARGET, Mirror
 from lunseal.errors import Conflict, LunsealError, NotFound
+from lunseal.frontends.api.auth import allow
 from lunseal.schema.mirrors import (
     MirrorCreate,
     MirrorExtent,
@@ -64,7 +66,13 @@ def then_info(m: Mirror, op: Callable[[], None]) -> Callable[[], MirrorInfo]:
 def install_mirror_routes(app: FastAPI, array: Array) -> None:
     mirrors = array.mirrors
 
-    @app.post("/v1/mirrors", response_model=MirrorInfo, status_code=201, tags=["mirrors"])
+    @app.post(
+        "/v1/mirrors",
+        dependencies=[allow(Role.OPERATOR)],
+        response_model=MirrorInfo,
+        status_code=201,
+        tags=["mirrors"],
+    )
     async def create_mirror(body: MirrorCreate) -> MirrorInfo:
         """Pair SOURCE with TARGET; the initial full copy runs in the background."""
         source = array.lun(body.source)
@@ -92,28 +100,53 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
                 array.delete_lun(target.name, force=True)
             raise
 
-    @app.get("/v1/mirrors", response_model=list[MirrorInfo], tags=["mirrors"])
+    @app.get(
+        "/v1/mirrors",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=list[MirrorInfo],
+        tags=["mirrors"],
+    )
     async def list_mirrors() -> list[MirrorInfo]:
         return [mirror_info(m) for m in mirrors.all()]
 
-    @app.get("/v1/mirrors/{name}", response_model=MirrorInfo, tags=["mirrors"])
+    @app.get(
+        "/v1/mirrors/{name}",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=MirrorInfo,
+        tags=["mirrors"],
+    )
     async def show_mirror(name: str) -> MirrorInfo:
         return mirror_info(mirrors.get(name))
 
-    @app.post("/v1/mirrors/{name}/split", response_model=MirrorInfo, tags=["mirrors"])
+    @app.post(
+        "/v1/mirrors/{name}/split",
+        dependencies=[allow(Role.OPERATOR)],
+        response_model=MirrorInfo,
+        tags=["mirrors"],
+    )
     async def split(name: str, body: MirrorSplit | None = None) -> MirrorInfo:
         """Stop mirroring; from now on the regions written on either side are recorded."""
         m = mirrors.get(name)
         access = (body or MirrorSplit()).target_access
         return await run_on_lun(m.source, then_info(m, lambda: m.split(access)))
 
-    @app.post("/v1/mirrors/{name}/resync", response_model=MirrorInfo, tags=["mirrors"])
+    @app.post(
+        "/v1/mirrors/{name}/resync",
+        dependencies=[allow(Role.OPERATOR)],
+        response_model=MirrorInfo,
+        tags=["mirrors"],
+    )
     async def resync(name: str) -> MirrorInfo:
         """Copy the regions written on either side since the split, source -> target."""
         m = mirrors.get(name)
         return await run_on_lun(m.source, then_info(m, m.resync))
 
-    @app.post("/v1/mirrors/{name}/restore", response_model=MirrorInfo, tags=["mirrors"])
+    @app.post(
+        "/v1/mirrors/{name}/restore",
+        dependencies=[allow(Role.OPERATOR)],
+        response_model=MirrorInfo,
+        tags=["mirrors"],
+    )
     async def restore(name: str, body: MirrorRestore | None = None) -> MirrorInfo:
         """Copy the regions written on either side since the split, target -> source."""
         m = mirrors.get(name)
@@ -121,7 +154,12 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
             refuse_if_connected(m.source, f"restoring mirror {m.name}")
         return await run_on_lun(m.source, then_info(m, m.restore))
 
-    @app.get("/v1/mirrors/{name}/regions", response_model=MirrorRegions, tags=["mirrors"])
+    @app.get(
+        "/v1/mirrors/{name}/regions",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=MirrorRegions,
+        tags=["mirrors"],
+    )
     async def regions(name: str) -> MirrorRegions:
         """The regions the next resync or restore would copy (written on either side)."""
         m = mirrors.get(name)
@@ -133,7 +171,9 @@ def install_mirror_routes(app: FastAPI, array: Array) -> None:
             extents=[MirrorExtent(offset=e.offset, length=e.length) for e in extents],
         )
 
-    @app.delete("/v1/mirrors/{name}", status_code=204, tags=["mirrors"])
+    @app.delete(
+        "/v1/mirrors/{name}", dependencies=[allow(Role.ADMIN)], status_code=204, tags=["mirrors"]
+    )
     async def delete_mirror(name: str) -> Response:
         """Delete the mirror; both LUNs stay."""
         source = mirrors.get(name).source

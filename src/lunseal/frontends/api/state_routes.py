@@ -12,11 +12,13 @@ from typing import TypeVar
 
 from fastapi import FastAPI, Response
 
+from lunseal.engine.access import Role
 from lunseal.engine.array import Array
 from lunseal.engine.lun import run_on_lun
 from lunseal.engine.state.changemap import DEFAULT_GRANULARITY
 from lunseal.engine.state.tracker import Hold, StateTracker
 from lunseal.errors import InvalidArgument
+from lunseal.frontends.api.auth import allow
 from lunseal.schema.state import (
     ChangedExtentModel,
     ChangesInfo,
@@ -63,13 +65,23 @@ def state_info(tracker: StateTracker) -> StateInfo:
 
 
 def install_state_routes(app: FastAPI, array: Array) -> None:
-    @app.get("/v1/luns/{name}/state", response_model=StateInfo, tags=["state"])
+    @app.get(
+        "/v1/luns/{name}/state",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=StateInfo,
+        tags=["state"],
+    )
     async def get_state(name: str) -> StateInfo:
         """The LUN's tracking status and, while tracking is on, its current token."""
         tracker = array.tracker(name)
         return await on_worker(tracker, lambda: state_info(tracker))
 
-    @app.get("/v1/luns/{name}/state/token", response_model=StateInfo, tags=["state"])
+    @app.get(
+        "/v1/luns/{name}/state/token",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=StateInfo,
+        tags=["state"],
+    )
     async def get_token(name: str) -> StateInfo:
         """GET_LUN_STATE: the current token; 409 while tracking is off."""
         tracker = array.tracker(name)
@@ -80,7 +92,12 @@ def install_state_routes(app: FastAPI, array: Array) -> None:
 
         return await on_worker(tracker, run)
 
-    @app.post("/v1/luns/{name}/state/check", response_model=CheckOutcome, tags=["state"])
+    @app.post(
+        "/v1/luns/{name}/state/check",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=CheckOutcome,
+        tags=["state"],
+    )
     async def check_token(name: str, body: TokenCheck) -> CheckOutcome:
         """Compare a token with the LUN's state: intact or changed, and why.
 
@@ -96,12 +113,23 @@ def install_state_routes(app: FastAPI, array: Array) -> None:
             current=result.current,
         )
 
-    @app.get("/v1/luns/{name}/holds", response_model=list[HoldInfo], tags=["state"])
+    @app.get(
+        "/v1/luns/{name}/holds",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=list[HoldInfo],
+        tags=["state"],
+    )
     async def list_holds(name: str) -> list[HoldInfo]:
         tracker = array.tracker(name)
         return await on_worker(tracker, lambda: [hold_info(h) for h in tracker.holds.values()])
 
-    @app.post("/v1/luns/{name}/holds", response_model=HoldInfo, status_code=201, tags=["state"])
+    @app.post(
+        "/v1/luns/{name}/holds",
+        dependencies=[allow(Role.OPERATOR)],
+        response_model=HoldInfo,
+        status_code=201,
+        tags=["state"],
+    )
     async def acquire_hold(name: str, body: HoldAcquire) -> HoldInfo:
         """ENABLE_LUN_STATE_SNAPSHOT: the first hold turns tracking on."""
         granularity = None
@@ -117,14 +145,24 @@ def install_state_routes(app: FastAPI, array: Array) -> None:
 
         return await on_worker(tracker, run)
 
-    @app.delete("/v1/luns/{name}/holds/{hold}", status_code=204, tags=["state"])
+    @app.delete(
+        "/v1/luns/{name}/holds/{hold}",
+        dependencies=[allow(Role.OPERATOR)],
+        status_code=204,
+        tags=["state"],
+    )
     async def release_hold(name: str, hold: str) -> Response:
         """DISABLE_LUN_STATE_SNAPSHOT: releasing the last hold turns tracking off."""
         tracker = array.tracker(name)
         await on_worker(tracker, lambda: tracker.release(hold))
         return Response(status_code=204)
 
-    @app.get("/v1/luns/{name}/holds/{hold}/changes", response_model=ChangesInfo, tags=["state"])
+    @app.get(
+        "/v1/luns/{name}/holds/{hold}/changes",
+        dependencies=[allow(Role.MONITOR)],
+        response_model=ChangesInfo,
+        tags=["state"],
+    )
     async def changes(name: str, hold: str) -> ChangesInfo:
         """Regions changed since the hold's token (the hold must track changes)."""
         tracker = array.tracker(name)

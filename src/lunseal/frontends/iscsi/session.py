@@ -317,6 +317,7 @@ class Connection:
             initiator_port=f"{login.initiator_name},i,0x{login.isid.hex()}",
             target_port=f"{self.target_name},t,0x{PORTAL_GROUP_TAG:04x}",
             access=login.access.luns,
+            address=self.peer,
         )
 
     @property

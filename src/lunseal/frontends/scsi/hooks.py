@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,8 +50,11 @@ class VendorCommands:
     nexus_gone: Callable[[str, str], None]
 
 
-def state_vendor_commands() -> VendorCommands:
-    """The seed's state commands, as the array's vendor-specific commands."""
+def state_vendor_commands(audit: state_commands.AuditHook | None = None) -> VendorCommands:
+    """The seed's state commands, as the array's vendor-specific commands; each
+    one is passed to ``audit`` (the array's audit trail)."""
     return VendorCommands(
-        state_commands.execute, state_commands.data_out_length, state_commands.nexus_gone
+        functools.partial(state_commands.execute, audit=audit),
+        state_commands.data_out_length,
+        state_commands.nexus_gone,
     )

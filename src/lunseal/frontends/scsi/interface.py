@@ -57,6 +57,8 @@ class Nexus:
     initiator_port: str
     target_port: str
     access: LunAccess = field(default_factory=LunAccess)
+    #: Where the initiator connects from (HOST:PORT), for the audit trail.
+    address: str = ""
 
 
 @dataclass

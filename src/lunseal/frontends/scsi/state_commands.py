@@ -25,6 +25,7 @@ import logging
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -469,19 +470,53 @@ def tracker_of(lun: Lun) -> StateTracker:
     raise LunUnavailable(f"LUN {lun.name} has no state tracking")
 
 
-def execute(lun: Lun, cmd: ScsiCommand) -> ScsiResult:
+#: Records one in-band command: (actor, action, target, result, detail).
+AuditHook = Callable[[str, str, str, str, str], None]
+
+
+def execute(lun: Lun, cmd: ScsiCommand, audit: AuditHook | None = None) -> ScsiResult:
     """Run a STATE IN/OUT command on ``lun``; on the LUN's worker, never raises."""
+    cdb: StateCdb | None = None
     try:
         cdb = parse_cdb(bytes(cmd.cdb))
         data = _run(lun, cmd, cdb)
     except StateCommandError as exc:
+        _audit(audit, lun, cmd, cdb, "refused", exc.message)
         return ScsiResult(CHECK_CONDITION, sense=exc.sense)
     except LunsealError as exc:
         log.info("LUN %s: in-band state command from %s refused: %s", lun.name, _who(cmd), exc)
+        _audit(audit, lun, cmd, cdb, "refused", exc.message)
         return ScsiResult(CHECK_CONDITION, sense=error_sense(exc))
+    _audit(audit, lun, cmd, cdb, "ok", "")
     if cdb.opcode == STATE_IN:
         data = data[: cdb.length]
     return ScsiResult(data=data)
+
+
+def _audit(
+    audit: AuditHook | None,
+    lun: Lun,
+    cmd: ScsiCommand,
+    cdb: StateCdb | None,
+    result: str,
+    detail: str,
+) -> None:
+    if audit is None:
+        return
+    if cdb is None:
+        action = f"iSCSI {bytes(cmd.cdb[:1]).hex()}h"
+    elif cdb.opcode == STATE_OUT:
+        action = f"iSCSI STATE OUT {OutAction(cdb.action).name}"
+    else:
+        action = f"iSCSI STATE IN {InAction(cdb.action).name}"
+    where = f"{cmd.nexus.initiator_port} from {cmd.nexus.address or '?'}"
+    audit(
+        f"iscsi:{cmd.nexus.initiator_name}",
+        action,
+        f"lun={lun.name}",
+        result,
+        f"{where}; {detail}" if detail else where,
+    )
 
 
 def _who(cmd: ScsiCommand) -> str:

@@ -58,7 +58,7 @@ class ScsiTarget:
         self.array = array
         self.reservations = reservations
         self.attentions = UnitAttentions()
-        self.vendor: VendorCommands | None = state_vendor_commands()
+        self.vendor: VendorCommands | None = state_vendor_commands(array.catalog.audit.record)
 
     # -- LUNs as an initiator sees them ---------------------------------------------
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import typer
@@ -25,6 +27,10 @@ from lunseal.errors import InvalidArgument
 from lunseal.home import resolve_home
 from lunseal.host.backup.common import Log, ProgressFn
 from lunseal.host.client import ArrayClient
+from lunseal.host.secret_file import read_secret
+
+TOKEN_ENV = "LUNSEAL_TOKEN"
+TOKEN_FILE_ENV = "LUNSEAL_TOKEN_FILE"
 
 # soft_wrap: never fold long lines (URIs, paths) so they survive pipes and copy-paste.
 # Piped output is read by scripts and copied from: give tables room so tokens
@@ -36,6 +42,7 @@ class _Options(Protocol):
     home: Any
     url: str | None
     token: str | None
+    token_file: Path | None
     json: bool
 
 
@@ -45,14 +52,42 @@ def options(ctx: typer.Context) -> _Options:
     return obj  # type: ignore[no-any-return]
 
 
+def api_token(opts: _Options) -> str | None:
+    """The API token the user chose, or None for the data directory's admin token.
+
+    In order: ``--token`` (discouraged: ``ps`` shows it), ``--token-file``,
+    ``$LUNSEAL_TOKEN``, ``$LUNSEAL_TOKEN_FILE``.
+    """
+    if opts.token:
+        return opts.token
+    if opts.token_file is not None:
+        return _token_from(opts.token_file, "--token-file")
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if os.environ.get(TOKEN_FILE_ENV):
+        return _token_from(Path(os.environ[TOKEN_FILE_ENV]), f"${TOKEN_FILE_ENV}")
+    return None
+
+
+def _token_from(path: Path, what: str) -> str:
+    token = (read_secret(path, TOKEN_ENV, f"API token ({what})") or "").strip()
+    if not token:
+        raise InvalidArgument(f"the API token file {path} ({what}) is empty")
+    return token
+
+
 def client(ctx: typer.Context) -> ArrayClient:
-    """The array named by --url/--token, else the daemon of the data directory."""
+    """The array at --url, else the daemon of the data directory; with the token of
+    :func:`api_token`, else (local daemon only) the data directory's admin token."""
     opts = options(ctx)
+    token = api_token(opts)
     if opts.url:
-        if not opts.token:
-            raise InvalidArgument("--url needs --token (or LUNSEAL_TOKEN)")
-        return ArrayClient(opts.url, opts.token)
-    return ArrayClient.for_home(resolve_home(opts.home))
+        if not token:
+            raise InvalidArgument(
+                f"--url needs --token-file FILE (or ${TOKEN_ENV} / ${TOKEN_FILE_ENV})"
+            )
+        return ArrayClient(opts.url, token)
+    return ArrayClient.for_home(resolve_home(opts.home), token)
 
 
 def emit(

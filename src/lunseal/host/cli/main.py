@@ -15,12 +15,12 @@ import typer
 
 from lunseal import __version__
 from lunseal.errors import InvalidArgument, LunsealError
-from lunseal.host.cli import backup, demo, iscsi, lun, mirror, serve, state, status
+from lunseal.host.cli import audit, backup, demo, iscsi, lun, mirror, serve, state, status, token
 
 app = typer.Typer(
     name="lunseal",
     help="lunseal: a software disk array with trustworthy LUN state tokens.\n\n"
-    "The global options --home, --url, --token and --json may also follow the subcommand "
+    "The global options --home, --url, --token-file and --json may also follow the subcommand "
     "(lunseal lun list --json --home DIR).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -33,6 +33,7 @@ class GlobalOptions:
     home: Path | None
     url: str | None
     token: str | None
+    token_file: Path | None
     json: bool
 
 
@@ -51,15 +52,31 @@ def main_options(
     url: str | None = typer.Option(
         None, "--url", envvar="LUNSEAL_URL", help="API URL of a remote array"
     ),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        envvar="LUNSEAL_TOKEN_FILE",
+        help="file holding the API token ($LUNSEAL_TOKEN holds one directly) "
+        "[default: the data directory's admin token]",
+    ),
     token: str | None = typer.Option(
-        None, "--token", envvar="LUNSEAL_TOKEN", help="API token for --url"
+        None, "--token", help="API token (discouraged: ps shows it; use --token-file)"
     ),
     json_output: bool = typer.Option(False, "--json", help="print JSON for scripts"),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="print the version"
     ),
 ) -> None:
-    ctx.obj = GlobalOptions(home=home, url=url, token=token, json=json_output)
+    if token is not None:
+        # Kept for old scripts; a token in argv is readable by every local user.
+        print(
+            "lunseal: warning: --token shows in ps and shell history; use --token-file "
+            "FILE or $LUNSEAL_TOKEN",
+            file=sys.stderr,
+        )
+    ctx.obj = GlobalOptions(
+        home=home, url=url, token=token, token_file=token_file, json=json_output
+    )
 
 
 app.command("serve")(serve.serve)
@@ -70,13 +87,15 @@ app.add_typer(mirror.app, name="mirror")
 app.add_typer(backup.app, name="backup")
 app.add_typer(backup.archive_app, name="archive")
 app.add_typer(iscsi.app, name="iscsi")
+app.add_typer(token.app, name="token")
+app.command("audit")(audit.audit)
 app.command("restore")(backup.restore)
 app.command("demo")(demo.demo)
 
 
 #: Global options: accepted anywhere before ``--``, moved in front of the subcommand.
 GLOBAL_FLAGS = frozenset({"--json"})
-GLOBAL_VALUED = frozenset({"--home", "--url", "--token"})
+GLOBAL_VALUED = frozenset({"--home", "--url", "--token", "--token-file"})
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
