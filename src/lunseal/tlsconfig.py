@@ -101,6 +101,7 @@ class ServerTls:
         self.files = files
         self.mode = mode
         self._context = build_server_context(files)
+        self._pinned: list[ssl.SSLContext] = []
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -110,11 +111,25 @@ class ServerTls:
     def verifies_clients(self) -> bool:
         return self.files.verify_client
 
+    def pinned_context(self) -> ssl.SSLContext:
+        """A context for a server that keeps the object it was given (uvicorn):
+        :meth:`reload` loads the new files into it in place."""
+        context = build_server_context(self.files)
+        self._pinned.append(context)
+        return context
+
     def reload(self) -> None:
         """Read the files again; on any error keep serving with the old context.
 
         Raises InvalidArgument (the old context stays) so the caller can log why."""
-        self._context = build_server_context(self.files)
+        fresh = build_server_context(self.files)  # proves the files load before anything changes
+        for context in self._pinned:
+            # In place: a CA added before stays trusted until a restart (OpenSSL
+            # cannot forget one); certificate and key are replaced.
+            _load_chain(context, self.files.cert, self.files.key)
+            if self.files.ca is not None:
+                _load_ca(context, self.files.ca)
+        self._context = fresh
 
 
 def peer_identities(peercert: dict[str, Any] | None) -> list[str]:

@@ -37,6 +37,7 @@ class _Options(Protocol):
     url: str | None
     token: str | None
     json: bool
+    ca_file: Any
 
 
 def options(ctx: typer.Context) -> _Options:
@@ -51,8 +52,8 @@ def client(ctx: typer.Context) -> ArrayClient:
     if opts.url:
         if not opts.token:
             raise InvalidArgument("--url needs --token (or LUNSEAL_TOKEN)")
-        return ArrayClient(opts.url, opts.token)
-    return ArrayClient.for_home(resolve_home(opts.home))
+        return ArrayClient(opts.url, opts.token, ca_file=opts.ca_file)
+    return ArrayClient.for_home(resolve_home(opts.home), ca_file=opts.ca_file)
 
 
 def emit(

@@ -34,6 +34,7 @@ class GlobalOptions:
     url: str | None
     token: str | None
     json: bool
+    ca_file: Path | None = None
 
 
 def _version(value: bool) -> None:
@@ -55,11 +56,14 @@ def main_options(
         None, "--token", envvar="LUNSEAL_TOKEN", help="API token for --url"
     ),
     json_output: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+    ca_file: Path | None = typer.Option(
+        None, "--ca-file", envvar="LUNSEAL_CA_FILE", help="CA that signed the API's certificate"
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="print the version"
     ),
 ) -> None:
-    ctx.obj = GlobalOptions(home=home, url=url, token=token, json=json_output)
+    ctx.obj = GlobalOptions(home=home, url=url, token=token, json=json_output, ca_file=ca_file)
 
 
 app.command("serve")(serve.serve)
@@ -76,7 +80,7 @@ app.command("demo")(demo.demo)
 
 #: Global options: accepted anywhere before ``--``, moved in front of the subcommand.
 GLOBAL_FLAGS = frozenset({"--json"})
-GLOBAL_VALUED = frozenset({"--home", "--url", "--token"})
+GLOBAL_VALUED = frozenset({"--home", "--url", "--token", "--ca-file"})
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
