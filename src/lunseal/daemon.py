@@ -110,13 +110,13 @@ def run(config: DaemonConfig) -> int:
 
 async def _serve(cfg: DaemonConfig) -> int:
     tls = server_tls(cfg)  # bad certificate files fail before anything is bound or created
-    if not cfg.api_tls and not _is_loopback(cfg.api_host):
-        raise InvalidArgument(
-            f"the API would listen on {cfg.api_host} without TLS, where its bearer token "
-            "could be read off the network: add --api-tls (with --tls-cert and --tls-key) "
-            "or keep --api-listen on loopback"
-        )
     nbd_sock, api_sock = _bind_listeners(cfg)
+    try:
+        check_api_exposure(str(api_sock.getsockname()[0]), api_tls=cfg.api_tls)
+    except BaseException:
+        nbd_sock.close()
+        api_sock.close()
+        raise
     try:
         iscsi_sock = (
             _bind_tcp("iSCSI", "--iscsi-port", cfg.iscsi_host, cfg.iscsi_port)
@@ -252,23 +252,38 @@ async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> 
     return server
 
 
+def check_api_exposure(host: str, *, api_tls: bool) -> None:
+    """Plain HTTP only on loopback: elsewhere the bearer token would cross the network."""
+    if not api_tls and not _is_loopback(host):
+        raise InvalidArgument(
+            f"the API would listen on {host} without TLS, where its bearer token "
+            "could be read off the network: add --api-tls (with --tls-cert and --tls-key) "
+            "or keep --api-listen on loopback"
+        )
+
+
 def _warn_if_open(nbd: NbdServer, cfg: DaemonConfig) -> None:
-    """One warning, in the iSCSI portal's words, for an NBD listener anyone can use."""
-    host = nbd.tcp_address[0] if nbd.tcp_address else cfg.nbd_host
-    if _is_loopback(host):
-        return
-    if cfg.tls == TlsMode.REQUIRE and cfg.tls_verify_client:
-        return
-    if cfg.tls == TlsMode.REQUIRE:
-        why = "TLS is required but client certificates are not verified (--tls-verify-client)"
+    host, port = nbd.tcp_address or (cfg.nbd_host, cfg.nbd_port)
+    warning = open_nbd_warning(host, port, cfg.tls, verify_client=cfg.tls_verify_client)
+    if warning:
+        log.warning("%s", warning)
+
+
+def open_nbd_warning(host: str, port: int, mode: TlsMode, *, verify_client: bool) -> str | None:
+    """The start-up warning (in the iSCSI portal's words) for an NBD listener that
+    any host reaching it may use; None when it is on loopback or needs a certificate."""
+    if _is_loopback(host) or (mode == TlsMode.REQUIRE and verify_client):
+        return None
+    if mode == TlsMode.REQUIRE:
+        why = "client certificates are not verified (--tls-verify-client)"
+    elif mode == TlsMode.ALLOW:
+        why = "TLS is optional (clients may stay in clear text)"
     else:
-        why = f"TLS is {cfg.tls} (clients may stay in clear text)"
-    log.warning(
-        "the NBD listener %s:%d listens beyond loopback and %s: any host that reaches it "
-        "can read and write every LUN (use --tls require --tls-verify-client)",
-        _url_host(host),
-        nbd.tcp_address[1] if nbd.tcp_address else cfg.nbd_port,
-        why,
+        why = "TLS is off"
+    return (
+        f"the NBD listener {_url_host(host)}:{port} listens beyond loopback and {why}: "
+        "any host that reaches it can read and write every LUN "
+        "(use --tls require --tls-verify-client)"
     )
 
 
