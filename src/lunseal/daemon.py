@@ -167,7 +167,7 @@ async def _run_servers(
         array,
         max_connections=cfg.nbd_max_connections,
         handshake_timeout=cfg.nbd_handshake_timeout,
-        tls=tls if cfg.tls != TlsMode.OFF else None,
+        tls=tls,
     )
     await nbd.listen_tcp_socket(nbd_sock)
     _warn_if_open(nbd, cfg)
@@ -463,7 +463,7 @@ def _print_banner(
 ) -> None:
     lines = [f"lunseal {__version__} serving array {array.array_id} from {home.root}"]
     tcp = nbd.tcp_address
-    scheme = "nbd" if nbd.tls is None else "nbds"
+    scheme = "nbds" if nbd.tls_offered else "nbd"
     for lun in array.luns()[:5]:
         if tcp:
             lines.append(f"  NBD  {scheme}://{_url_host(tcp[0])}:{tcp[1]}/{lun.name}")
@@ -479,7 +479,7 @@ def _print_banner(
     lines.append(f"  CLI  {cli if cli.exists() else 'lunseal'} --home {home.root} lun list")
     if tcp:
         first = array.luns()[0].name if array.luns() else ""
-        if nbd.tls is None:
+        if not nbd.tls_offered:
             lines.append(f"  try  qemu-img info nbd://{_url_host(tcp[0])}:{tcp[1]}/{first}")
         else:
             lines.append(

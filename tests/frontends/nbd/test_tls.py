@@ -311,3 +311,41 @@ def test_failed_reload_keeps_the_old_certificate(required: TlsServed) -> None:
         required.call(tls.reload)
     with required.encrypted() as client:
         assert client.go("disk").size == DISK
+
+
+def _server_certificate(server: ssl.SSLContext, client: ssl.SSLContext) -> dict[str, Any]:
+    """Handshake the two contexts through memory (no sockets needed for this check);
+    the certificate the server presented, as the client verified it."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    theirs = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    ours = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(20):  # a TLS handshake takes a few round trips
+        done = 0
+        for obj in (theirs, ours):
+            try:
+                obj.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if done == 2:
+            break
+    cert = theirs.getpeercert()
+    assert cert
+    return cert
+
+
+def test_reload_updates_a_pinned_context_in_place(pki: Pki, tmp_path: Path) -> None:
+    # uvicorn keeps the context object it was given: reload must change that object.
+    tls = ServerTls(pki.server_files())
+    pinned = tls.pinned_context()
+    before = _server_certificate(pinned, pki.client_context(with_cert=False))
+    fresh = make_pki(tmp_path / "fresh")
+    shutil.copy(fresh.server_cert, pki.server_cert)
+    shutil.copy(fresh.server_key, pki.server_key)
+    tls.reload()
+    after = _server_certificate(pinned, fresh.client_context(with_cert=False))
+    assert after["serialNumber"] != before["serialNumber"]
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _server_certificate(pinned, pki.client_context(with_cert=False))

@@ -145,7 +145,7 @@ def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:
         host, port = nbd.tcp_address
         host = f"[{host}]" if ":" in host else host
         # nbds: the client must STARTTLS (libnbd's and lunseal's clients do).
-        scheme = "nbd" if nbd.tls is None else "nbds"
+        scheme = "nbds" if nbd.tls_offered else "nbd"
         uris.append(f"{scheme}://{host}:{port}/{rec.name}")
     if nbd.unix_path is not None:
         uris.append(f"nbd+unix:///{rec.name}?socket={nbd.unix_path}")

@@ -568,7 +568,8 @@ class NbdServer:
         tls: ServerTls | None = None,
     ) -> None:
         self.array = array
-        #: STARTTLS configuration (None: TLS off).  The Unix socket offers
+        #: The daemon's TLS holder (None: no certificates; its mode may still be
+        #: off when only the API uses them).  SIGHUP reloads it.  The Unix socket offers
         #: STARTTLS but never requires it: only local users reach it, and its
         #: mode 0600 already limits them to root.
         self.tls = tls
@@ -590,8 +591,13 @@ class NbdServer:
     def _factory(self, family: int = socket.AF_INET) -> NbdConnection:
         return NbdConnection(self, tls_mode=self._tls_mode(family))
 
+    @property
+    def tls_offered(self) -> bool:
+        """STARTTLS is offered on the TCP listener (clients should use nbds://)."""
+        return self.tls is not None and self.tls.mode != TlsMode.OFF
+
     def _tls_mode(self, family: int) -> TlsMode:
-        if self.tls is None:
+        if self.tls is None or self.tls.mode == TlsMode.OFF:
             return TlsMode.OFF
         if family == socket.AF_UNIX:
             return TlsMode.ALLOW
