@@ -75,7 +75,9 @@ def starttls(client: NbdClient, context: ssl.SSLContext) -> None:
     client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
 
 
-def make_served(tmp_path: Path, pki: Pki, mode: TlsMode, files: TlsFiles) -> Iterator[TlsServed]:
+def make_served(
+    tmp_path: Path, pki: Pki, mode: TlsMode, files: TlsFiles, handshake_timeout: float = 10.0
+) -> Iterator[TlsServed]:
     array = Array.open(tmp_path / "home")
     array.create_lun("disk", DISK)
     sock_dir = Path(tempfile.mkdtemp(prefix="lunseal-tls-"))
@@ -84,7 +86,7 @@ def make_served(tmp_path: Path, pki: Pki, mode: TlsMode, files: TlsFiles) -> Ite
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     thread = threading.Thread(target=loop.run_forever, name="nbd-tls-loop", daemon=True)
     thread.start()
-    server = NbdServer(array, tls=ServerTls(files, mode))
+    server = NbdServer(array, tls=ServerTls(files, mode), handshake_timeout=handshake_timeout)
     try:
         tcp = on_loop(loop, server.listen_tcp("127.0.0.1", 0))
         unix = on_loop(loop, server.listen_unix(sock_dir / "nbd.sock"))
@@ -349,3 +351,20 @@ def test_reload_updates_a_pinned_context_in_place(pki: Pki, tmp_path: Path) -> N
     assert after["serialNumber"] != before["serialNumber"]
     with pytest.raises(ssl.SSLCertVerificationError):
         _server_certificate(pinned, pki.client_context(with_cert=False))
+
+
+def test_a_client_stalling_in_the_tls_handshake_is_dropped(pki: Pki, tmp_path: Path) -> None:
+    served = make_served(tmp_path, pki, TlsMode.REQUIRE, pki.server_files(), 0.5)
+    server = next(served)
+    try:
+        with server.clear() as client:
+            [reply] = client.option(c.OPT_STARTTLS)
+            assert reply.type == c.REP_ACK
+            # No ClientHello: the handshake timer must close the connection.
+            assert client.drain_to_eof() == b""
+        deadline = time.monotonic() + 30
+        while server.connections():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        next(served, None)

@@ -403,6 +403,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._upgrading = True
         self._loop.create_task(self._upgrade(tls.context))
 
+    def _upgrade_failed(self, raw: asyncio.Transport) -> None:
+        raw.abort()
+        if not self.closed.done():
+            self.connection_lost(None)  # the TLS layer does not report it mid-handshake
+
     async def _upgrade(self, context: ssl.SSLContext) -> None:
         raw = self.transport
         assert raw is not None
@@ -412,11 +417,14 @@ class NbdConnection(asyncio.BufferedProtocol):
             )
         except (OSError, ssl.SSLError, EOFError, asyncio.CancelledError) as exc:
             log.warning("NBD client %s: TLS handshake failed: %s", self.peer, exc or "aborted")
-            raw.abort()
-            if not self.closed.done():
-                self.connection_lost(None)  # the TLS layer does not report it mid-handshake
+            self._upgrade_failed(raw)
             return
-        if transport is None or self._closing:
+        if transport is None or transport.is_closing() or self._closing:
+            # The connection went away mid-handshake (the handshake timer, a
+            # server shutdown): the TLS layer ends the wait without an error.
+            if transport is not None:
+                transport.abort()
+            self._upgrade_failed(raw)
             return
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
