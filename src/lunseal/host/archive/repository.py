@@ -3,8 +3,14 @@
 Layout in a :class:`Storage`::
 
     config                      format version and chunk size (JSON)
+    key                         the wrapped key of a ``repokey`` repository
     chunks/<d[:2]>/<d>          header + zstd(chunk), d = blake3 hex of the raw chunk
     manifests/<id>.json         one per committed backup, written last
+
+In an encrypted repository (see :mod:`lunseal.host.archive.crypto`) ``d`` is
+keyed BLAKE3 of the chunk, and chunk objects and manifests are sealed
+(AES-256-GCM bound to their names); ``config`` then has version 2 and names
+the encryption mode and the repository id, which the key must match.
 
 A backup is only visible once its manifest exists, so a killed backup leaves
 unreferenced chunks (garbage for prune) and never a half backup.
@@ -19,7 +25,7 @@ import secrets
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import TracebackType
@@ -28,12 +34,36 @@ from typing import Any, Self
 import blake3
 import zstandard
 
-from lunseal.errors import ArchiveCorrupt, InvalidArgument, NotFound, NotSupported
+from lunseal.errors import (
+    ArchiveCorrupt,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    NotSupported,
+    Unauthorized,
+)
+from lunseal.host.archive import known
+from lunseal.host.archive.crypto import (
+    ENCRYPTION_MODES,
+    ArchiveKey,
+    Kdf,
+    Unlock,
+    default_key_file,
+    key_file_repository,
+    new_repository_id,
+    read_key_file,
+    unwrap_key,
+    wrap_key,
+    write_key_file,
+)
 from lunseal.host.archive.storage import LocalStorage, Storage
 
 MiB = 1 << 20
 DEFAULT_CHUNK_SIZE = 1 * MiB  # fine enough that a 1% change reads about 1%
 FORMAT_VERSION = 1
+#: Config version of encrypted repositories: older lunseal refuses them rather
+#: than writing plaintext chunks into them.
+ENCRYPTED_CONFIG_VERSION = 2
 ZSTD_LEVEL = 3
 #: A backup waits this long for a running prune; prune never waits for backups.
 BACKUP_LOCK_WAIT = 60.0
@@ -42,12 +72,14 @@ STALE_TEMP_AGE = 3600.0
 
 _CONFIG_KEY = "config"
 _CONFIG_FORMAT = "lunseal-archive"
+_KEY_OBJECT = "key"
 # Magic + version + raw length: a foreign, truncated or future object is told
 # apart from a damaged one before zstd ever sees it.
 _CHUNK_HEADER = struct.Struct("<7sBI")
 _CHUNK_MAGIC = b"LSCHUNK"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+_REPO_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_LIKE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -93,6 +125,9 @@ class Manifest:
     chunks: list[str | None]  # blake3 digest per chunk; None = all zeros
     meta: dict[str, Any]
     digest: str = ""  # blake3 of the canonical JSON of every other field
+    #: The id key of an encrypted repository (never stored in the manifest):
+    #: what :meth:`chunk_id` needs to compare data with ``chunks``.
+    id_key: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def created(self) -> datetime:
@@ -102,9 +137,15 @@ class Manifest:
         """Length of chunk ``index``; only the last one may be short."""
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
+    def chunk_id(self, data: bytes) -> str:
+        """The id ``data`` has in this backup's repository (keyed if it is encrypted)."""
+        if self.id_key is None:
+            return blake3.blake3(data).hexdigest()
+        return blake3.blake3(data, key=self.id_key).hexdigest()
+
     def body(self) -> dict[str, Any]:
         body = asdict(self)
-        del body["digest"]
+        del body["digest"], body["id_key"]
         body["version"] = FORMAT_VERSION
         return body
 
@@ -124,6 +165,8 @@ class Manifest:
         try:
             obj = json.loads(raw)
             version = obj.pop("version")
+            if "id_key" in obj:  # only ever set in memory, by the repository
+                raise ValueError("unexpected field id_key")
             if version != FORMAT_VERSION:
                 raise ValueError(f"unsupported manifest version {version!r}")
             manifest = cls(**obj)
@@ -228,6 +271,8 @@ class Repository:
         storage: Storage,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         clock: Callable[[], datetime] = _utcnow,
+        key: ArchiveKey | None = None,
+        encryption: str = "none",
     ) -> None:
         if chunk_size < 4096 or chunk_size > 64 * MiB or chunk_size % 4096:
             raise InvalidArgument(
@@ -236,6 +281,11 @@ class Repository:
         self.storage = storage
         self.chunk_size = chunk_size
         self.clock = clock
+        #: None: unencrypted, ids are plain blake3 and anyone who can write may forge.
+        self.key = key
+        self.encryption = encryption
+        #: The wrapped key this repository was opened with (what ``key export`` writes).
+        self.key_blob: bytes | None = None
 
     @classmethod
     def open(
@@ -244,19 +294,40 @@ class Repository:
         create: bool = True,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         clock: Callable[[], datetime] = _utcnow,
+        unlock: Unlock | None = None,
     ) -> Repository:
-        """Open the repository in ``storage``; ``chunk_size`` only applies when creating it."""
-        try:
-            config = json.loads(storage.get(_CONFIG_KEY))
-        except NotFound:
+        """Open the repository in ``storage``; ``chunk_size`` only applies when creating it.
+
+        Only an unencrypted repository is created here (``init`` makes encrypted
+        ones); an encrypted one needs ``unlock``.  Given a passphrase or key file,
+        an unencrypted repository is refused: it may be a forgery put in place
+        of the encrypted one."""
+        unlock = unlock or Unlock()
+        config = cls._read_config(storage)
+        if config is None:
             if not create:
-                raise NotFound("no archive repository here (no config object)") from None
+                raise NotFound("no archive repository here (no config object)")
+            if unlock.given:
+                raise NotFound(
+                    "no archive repository here: create an encrypted one with lunseal archive init"
+                )
             repo = cls(storage, chunk_size, clock)
             storage.put(_CONFIG_KEY, _canonical(repo._config()))
             return repo
-        except ValueError as exc:
-            raise ArchiveCorrupt(f"archive config unreadable: {exc}") from None
-        return cls(storage, cls._chunk_size_from(config), clock)
+        size, encryption, repo_id = cls._parse_config(config)
+        if encryption == "none":
+            if unlock.given:
+                raise ArchiveCorrupt(
+                    "this archive is not encrypted, yet a passphrase or key file was given: "
+                    "it may have been replaced by a forged unencrypted one (unset "
+                    "LUNSEAL_PASSPHRASE and the key file to use an unencrypted archive)"
+                )
+            return cls(storage, size, clock)
+        blob = cls._key_blob(storage, encryption, repo_id, unlock)
+        key = cls._unlock(blob, repo_id, size, unlock)
+        repo = cls(storage, size, clock, key, encryption)
+        repo.key_blob = blob
+        return repo
 
     @classmethod
     def open_local(
@@ -265,26 +336,182 @@ class Repository:
         create: bool = True,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         clock: Callable[[], datetime] = _utcnow,
+        unlock: Unlock | None = None,
     ) -> Repository:
-        if create:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        elif not path.is_dir():
-            raise NotFound(f"archive directory {path} does not exist")
-        return cls.open(LocalStorage(path), create, chunk_size, clock)
+        """Open the archive directory ``path``; an archive this user last opened
+        encrypted must still be encrypted (see :mod:`lunseal.host.archive.known`)."""
+        was = known.encrypted_as(path)
+        create = create and was is None
+        try:
+            if create and not (unlock and unlock.given):
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif not path.is_dir():
+                raise NotFound(f"archive directory {path} does not exist")
+            repo = cls.open(LocalStorage(path), create, chunk_size, clock, unlock)
+        except NotFound:
+            if was is None:
+                raise
+            repo = None
+        if repo is None or (repo.key is None and was is not None):
+            state = "gone" if repo is None else "unencrypted"
+            raise ArchiveCorrupt(
+                f"archive {path} was encrypted (repository {was}) when last used and is now "
+                f"{state}: it may have been replaced by a forgery. If you removed it yourself, "
+                f"run lunseal archive init again or delete its line in {known.record_file()}"
+            )
+        if repo.key is not None:
+            known.remember(path, repo.key.repository)
+        return repo
+
+    @classmethod
+    def init_local(
+        cls,
+        path: Path,
+        encryption: str,
+        unlock: Unlock | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        kdf: Kdf | None = None,
+    ) -> tuple[Repository, Path | None]:
+        """:meth:`init` in the directory ``path`` (created if need be)."""
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        repo, key_path = cls.init(LocalStorage(path), encryption, unlock, chunk_size, kdf)
+        if repo.key is not None:
+            known.remember(path, repo.key.repository)
+        else:
+            known.forget(path)
+        return repo, key_path
+
+    @classmethod
+    def init(
+        cls,
+        storage: Storage,
+        encryption: str,
+        unlock: Unlock | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        kdf: Kdf | None = None,
+    ) -> tuple[Repository, Path | None]:
+        """Create a new repository; (it, the key file written for ``keyfile`` mode)."""
+        unlock = unlock or Unlock()
+        if encryption not in ENCRYPTION_MODES:
+            raise InvalidArgument(f"encryption must be one of {', '.join(ENCRYPTION_MODES)}")
+        if cls._read_config(storage) is not None:
+            raise Conflict("an archive repository already exists here")
+        if encryption == "none":
+            if unlock.given:
+                raise InvalidArgument("--encryption none takes no passphrase or key file")
+            return cls.open(storage, chunk_size=chunk_size), None
+        if not unlock.passphrase:
+            raise InvalidArgument(
+                "an encrypted archive needs a passphrase: set LUNSEAL_PASSPHRASE "
+                "or give --passphrase-file"
+            )
+        repo_id = new_repository_id()
+        key = ArchiveKey.generate(repo_id, chunk_size)
+        repo = cls(storage, chunk_size, key=key, encryption=encryption)
+        repo.key_blob = wrap_key(key, unlock.passphrase, kdf)
+        key_path = None
+        if encryption == "repokey":
+            storage.put(_KEY_OBJECT, repo.key_blob)
+        else:
+            key_path = unlock.key_file or default_key_file(repo_id)
+            write_key_file(key_path, repo.key_blob)
+        # The config last: until it exists, there is no repository to use.
+        storage.put(_CONFIG_KEY, _canonical(repo._config()))
+        return repo, key_path
+
+    @classmethod
+    def import_key(cls, storage: Storage, blob: bytes, unlock: Unlock) -> Path | None:
+        """Install a key exported earlier (after a lost key file or a damaged ``key``
+        object); it must unlock with the passphrase and belong to this repository.
+        Returns the key file written in ``keyfile`` mode."""
+        config = cls._read_config(storage)
+        if config is None:
+            raise NotFound("no archive repository here (no config object)")
+        size, encryption, repo_id = cls._parse_config(config)
+        if encryption == "none":
+            raise InvalidArgument("this archive is not encrypted: it has no key")
+        cls._unlock(blob, repo_id, size, unlock)
+        if encryption == "repokey":
+            storage.put(_KEY_OBJECT, blob)
+            return None
+        path = unlock.key_file or default_key_file(repo_id)
+        write_key_file(path, blob, overwrite=True)
+        return path
 
     def _config(self) -> dict[str, Any]:
-        return {"format": _CONFIG_FORMAT, "version": FORMAT_VERSION, "chunk_size": self.chunk_size}
+        config: dict[str, Any] = {
+            "format": _CONFIG_FORMAT,
+            "version": FORMAT_VERSION,
+            "chunk_size": self.chunk_size,
+        }
+        if self.key is not None:
+            config.update(
+                version=ENCRYPTED_CONFIG_VERSION,
+                encryption=self.encryption,
+                repository=self.key.repository,
+            )
+        return config
 
     @staticmethod
-    def _chunk_size_from(config: Any) -> int:
+    def _read_config(storage: Storage) -> Any:
+        """The parsed config object, None if there is none."""
+        try:
+            return json.loads(storage.get(_CONFIG_KEY))
+        except NotFound:
+            return None
+        except ValueError as exc:
+            raise ArchiveCorrupt(f"archive config unreadable: {exc}") from None
+
+    @staticmethod
+    def _parse_config(config: Any) -> tuple[int, str, str]:
+        """(chunk size, encryption mode, repository id or "")."""
         if not isinstance(config, dict) or config.get("format") != _CONFIG_FORMAT:
             raise ArchiveCorrupt("archive config is not a lunseal archive config")
-        if config.get("version") != FORMAT_VERSION:
-            raise NotSupported(f"archive format version {config.get('version')} is not supported")
+        version = config.get("version")
+        if version not in (FORMAT_VERSION, ENCRYPTED_CONFIG_VERSION):
+            raise NotSupported(f"archive format version {version} is not supported")
         size = config.get("chunk_size")
         if not isinstance(size, int):
             raise ArchiveCorrupt("archive config has no valid chunk size")
-        return size
+        if version == FORMAT_VERSION:
+            return size, "none", ""
+        encryption, repo_id = config.get("encryption"), config.get("repository")
+        if encryption not in ("repokey", "keyfile"):
+            raise ArchiveCorrupt(f"archive config names an unknown encryption {encryption!r}")
+        if not isinstance(repo_id, str) or not _REPO_ID_RE.match(repo_id):
+            raise ArchiveCorrupt("archive config has no valid repository id")
+        return size, encryption, repo_id
+
+    @staticmethod
+    def _key_blob(storage: Storage, encryption: str, repo_id: str, unlock: Unlock) -> bytes:
+        if encryption == "keyfile":
+            path = unlock.key_file or default_key_file(repo_id)
+            if not path.exists():
+                raise Unauthorized(
+                    f"archive key file {path} does not exist: give --key-file, set "
+                    "LUNSEAL_KEY_FILE or put an exported key back with lunseal archive key import"
+                )
+            return read_key_file(path)
+        try:
+            return storage.get(_KEY_OBJECT)
+        except NotFound:
+            raise ArchiveCorrupt(
+                "the archive's key object is missing: restore it with lunseal archive key import"
+            ) from None
+
+    @staticmethod
+    def _unlock(blob: bytes, repo_id: str, chunk_size: int, unlock: Unlock) -> ArchiveKey:
+        if not unlock.passphrase:
+            raise Unauthorized(
+                "this archive is encrypted: set LUNSEAL_PASSPHRASE or give --passphrase-file"
+            )
+        if key_file_repository(blob) != repo_id:
+            raise Unauthorized(f"the key belongs to another archive, not to repository {repo_id}")
+        key = unwrap_key(blob, unlock.passphrase)
+        # The config is not encrypted: its chunk size must be the one sealed in the key.
+        if key.chunk_size != chunk_size:
+            raise ArchiveCorrupt("archive config does not match its key (edited chunk size)")
+        return key
 
     # -- chunks -------------------------------------------------------------
 
@@ -295,12 +522,14 @@ class Repository:
         """
         if _is_zero(data):
             return None, 0
-        digest = blake3.blake3(data).hexdigest()
+        digest = self.chunk_id(data)
         key = chunk_key(digest)
         if self.storage.exists(key):
             return digest, 0
         body = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
         blob = _CHUNK_HEADER.pack(_CHUNK_MAGIC, FORMAT_VERSION, len(data)) + body
+        if self.key is not None:
+            blob = self.key.seal("chunk", digest, blob)
         self.storage.put(key, blob)
         return digest, len(blob)
 
@@ -335,8 +564,18 @@ class Repository:
             )
         return data
 
+    def chunk_id(self, data: bytes) -> str:
+        """The id of a chunk: blake3 of its data, keyed in an encrypted repository."""
+        if self.key is None:
+            return blake3.blake3(data).hexdigest()
+        return self.key.chunk_id(data)
+
     def _decode(self, digest: str, blob: bytes) -> tuple[str | None, bytes]:
         """(problem or None, raw data)."""
+        if self.key is not None:
+            problem, blob = self.key.unseal("chunk", digest, blob)
+            if problem:
+                return problem, b""
         if len(blob) < _CHUNK_HEADER.size:
             return "truncated header", b""
         magic, version, length = _CHUNK_HEADER.unpack_from(blob)
@@ -356,7 +595,7 @@ class Repository:
             data = zstandard.ZstdDecompressor().decompress(body, max_output_size=length)
         except zstandard.ZstdError as exc:
             return f"undecodable: {exc}", b""
-        if len(data) != length or blake3.blake3(data).hexdigest() != digest:
+        if len(data) != length or self.chunk_id(data) != digest:
             return "digest mismatch", b""
         return None, data
 
@@ -389,7 +628,13 @@ class Repository:
             raw = self.storage.get(manifest_key(backup_id))
         except NotFound:
             raise NotFound(f"no backup {backup_id} in the archive") from None
-        return Manifest.from_json(backup_id, raw)
+        if self.key is None:
+            return Manifest.from_json(backup_id, raw)
+        # Bound to its id: another backup's manifest copied here fails like a forgery.
+        problem, raw = self.key.unseal("manifest", backup_id, raw)
+        if problem:
+            raise ArchiveCorrupt(f"backup {backup_id}: manifest {problem}")
+        return replace(Manifest.from_json(backup_id, raw), id_key=self.key.id_key)
 
     def manifests(self) -> list[Manifest]:
         """Every backup, oldest first; a damaged manifest raises :class:`ArchiveCorrupt`."""
@@ -407,7 +652,10 @@ class Repository:
         return sorted(good, key=_age_key), bad
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        self.storage.put(manifest_key(manifest.id), manifest.to_json())
+        raw = manifest.to_json()
+        if self.key is not None:
+            raw = self.key.seal("manifest", manifest.id, raw)
+        self.storage.put(manifest_key(manifest.id), raw)
 
     def new_backup_id(self, created: datetime) -> str:
         """A sortable id that no committed backup has yet."""
@@ -646,6 +894,7 @@ class BackupWriter:
             chunk_size=self.repo.chunk_size,
             chunks=list(self._chunks),
             meta=_json_meta(self.meta),
+            id_key=self.repo.key.id_key if self.repo.key else None,
         ).sealed()
         self.repo._write_manifest(manifest)
         self.close()

@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import blake3
-
 from lunseal.errors import Conflict, InvalidArgument, LunsealError, NotFound
 from lunseal.host.archive import Manifest, Repository
 from lunseal.host.backup.common import Log, ProgressFn, nbd_uri, wait_mirror
@@ -453,4 +451,4 @@ def _matches(m: Manifest, offset: int, data: bytes) -> bool:
     expected = m.chunks[offset // m.chunk_size]
     if expected is None:
         return data.count(0) == len(data)
-    return blake3.blake3(data).hexdigest() == expected
+    return m.chunk_id(data) == expected
