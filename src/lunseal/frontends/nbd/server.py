@@ -93,6 +93,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.client_identities: list[str] = []
         #: Between STARTTLS's ACK and the end of the TLS handshake: nothing is read.
         self._upgrading = False
+        self._upgrade_task: asyncio.Task[None] | None = None
         self.transmission: Transmission | None = None
         self.lun: Lun | None = None
         self.transport: asyncio.Transport | None = None
@@ -439,7 +440,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             raise ProtocolError("client sent data after STARTTLS before the TLS handshake")
         self._send(out)  # the ACK goes out in clear, ahead of the handshake
         self._upgrading = True
-        self._loop.create_task(self._upgrade(tls.context))
+        # Kept: the loop holds only a weak reference to a task.
+        self._upgrade_task = self._loop.create_task(self._upgrade(tls.context))
 
     def _upgrade_failed(self, raw: asyncio.Transport) -> None:
         raw.abort()
