@@ -21,10 +21,16 @@ import uvloop
 from lunseal.engine.array import Array
 from lunseal.errors import InvalidArgument
 from lunseal.frontends.nbd import constants as c
+from lunseal.frontends.nbd.negotiation import Negotiator
 from lunseal.frontends.nbd.server import NbdServer
 from lunseal.tlsconfig import ServerTls, TlsFiles, TlsMode, build_server_context
 from tests.frontends.nbd.test_server import on_loop, pattern
-from tests.support.nbdclient import NbdClient, meta_context_request, option_header
+from tests.support.nbdclient import (
+    NbdClient,
+    meta_context_request,
+    option_header,
+    parse_option_reply,
+)
 from tests.support.tlscerts import Pki, make_pki
 
 T = TypeVar("T")
@@ -368,3 +374,38 @@ def test_a_client_stalling_in_the_tls_handshake_is_dropped(pki: Pki, tmp_path: P
             time.sleep(0.01)
     finally:
         next(served, None)
+
+
+# -- negotiation rules (no sockets needed) -------------------------------------------------------
+
+
+@pytest.fixture
+def neg_array(tmp_path: Path) -> Iterator[Array]:
+    array = Array.open(tmp_path / "neg")
+    array.create_lun("disk", MiB)
+    try:
+        yield array
+    finally:
+        array.close()
+
+
+def _negotiator(array: Array, mode: TlsMode) -> Negotiator:
+    return Negotiator(resolve=array.find, list_exports=array.luns, tls_mode=mode)
+
+
+def test_abort_is_served_before_tls_and_oversize_options_are_not(neg_array: Array) -> None:
+    neg = _negotiator(neg_array, TlsMode.REQUIRE)
+    outcome = neg.handle(c.OPT_ABORT, b"")
+    assert outcome.close
+    [reply] = outcome.replies
+    assert parse_option_reply(reply).type == c.REP_ACK
+    # An oversize option says nothing about the export either: TLS first.
+    [reply] = neg.handle(c.OPT_INFO, b"", oversize=True).replies
+    assert parse_option_reply(reply).type == c.REP_ERR_TLS_REQD
+    assert neg.handle(c.OPT_EXPORT_NAME, b"disk").close
+
+
+def test_allowed_tls_answers_in_clear(neg_array: Array) -> None:
+    neg = _negotiator(neg_array, TlsMode.ALLOW)
+    assert neg.handle(c.OPT_GO, b"\x00\x00\x00\x04disk\x00\x00").lun is not None
+    assert neg.handle(c.OPT_STARTTLS, b"").starttls
