@@ -40,6 +40,7 @@ from lunseal.frontends.nbd.server import (
 )
 from lunseal.fsutil import atomic_write_json
 from lunseal.home import Home
+from lunseal.tlsconfig import ServerTls, TlsFiles, TlsMode
 
 log = logging.getLogger("lunseal.daemon")
 
@@ -66,6 +67,30 @@ class DaemonConfig:
     iscsi_port: int = 3260
     #: ``None``: ``iqn.2026-12.io.lunseal:lunseal.<array id>``.
     iscsi_target_name: str | None = None
+    #: STARTTLS on the NBD TCP listener: off, allow or require.
+    tls: TlsMode = TlsMode.OFF
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: CA of client certificates (NBD); clients that show one get identities.
+    tls_ca: Path | None = None
+    tls_verify_client: bool = False
+    #: Serve the API over HTTPS with the same certificate.
+    api_tls: bool = False
+
+
+def server_tls(cfg: DaemonConfig) -> ServerTls | None:
+    """The daemon's TLS configuration, checked and loaded, or one clear error."""
+    wanted = cfg.tls != TlsMode.OFF or cfg.api_tls
+    if not wanted:
+        if cfg.tls_cert or cfg.tls_key or cfg.tls_ca or cfg.tls_verify_client:
+            raise InvalidArgument(
+                "TLS files given but TLS is off: add --tls allow|require (NBD) or --api-tls"
+            )
+        return None
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        raise InvalidArgument("TLS needs --tls-cert FILE and --tls-key FILE")
+    files = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_verify_client)
+    return ServerTls(files, cfg.tls)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -84,7 +109,14 @@ def run(config: DaemonConfig) -> int:
 
 
 async def _serve(cfg: DaemonConfig) -> int:
+    tls = server_tls(cfg)  # bad certificate files fail before anything is bound or created
     nbd_sock, api_sock = _bind_listeners(cfg)
+    try:
+        check_api_exposure(str(api_sock.getsockname()[0]), api_tls=cfg.api_tls)
+    except BaseException:
+        nbd_sock.close()
+        api_sock.close()
+        raise
     try:
         iscsi_sock = (
             _bind_tcp("iSCSI", "--iscsi-port", cfg.iscsi_host, cfg.iscsi_port)
@@ -110,7 +142,7 @@ async def _serve(cfg: DaemonConfig) -> int:
     try:
         if fresh and cfg.demo_lun and not array.luns():
             array.create_lun(DEMO_LUN, DEMO_SIZE)
-        return await _run_servers(cfg, home, array, token, (nbd_sock, api_sock), iscsi_sock)
+        return await _run_servers(cfg, home, array, token, (nbd_sock, api_sock), iscsi_sock, tls)
     finally:
         array.close()
         log.info("array closed cleanly")
@@ -123,6 +155,7 @@ async def _run_servers(
     token: str,
     sockets: tuple[socket.socket, socket.socket],
     iscsi_sock: socket.socket | None,
+    tls: ServerTls | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -134,8 +167,10 @@ async def _run_servers(
         array,
         max_connections=cfg.nbd_max_connections,
         handshake_timeout=cfg.nbd_handshake_timeout,
+        tls=tls,
     )
     await nbd.listen_tcp_socket(nbd_sock)
+    _warn_if_open(nbd, cfg)
     if cfg.unix_socket:
         await nbd.listen_unix(home.nbd_socket)
 
@@ -145,15 +180,22 @@ async def _run_servers(
     ctx = DaemonContext(array=array, nbd=nbd, token=token)
     if iscsi is not None:
         ctx.iscsi_target, ctx.iscsi_portal = iscsi.target_name, iscsi.portal
-    ctx.api_url = f"http://{_url_host(api_host)}:{api_port}"
-    api = _EmbeddedUvicorn(
-        uvicorn.Config(create_app(ctx), log_level="warning", lifespan="off", access_log=False)
+    scheme = "https" if cfg.api_tls else "http"
+    ctx.api_url = f"{scheme}://{_url_host(api_host)}:{api_port}"
+    api_config = uvicorn.Config(
+        create_app(ctx), log_level="warning", lifespan="off", access_log=False
     )
+    if cfg.api_tls:
+        assert tls is not None
+        api_config.load()
+        # Our own context (TLS 1.2+, reloadable) rather than uvicorn's.
+        api_config.ssl = tls.pinned_context()
+    api = _EmbeddedUvicorn(api_config)
     api_task = asyncio.create_task(api.serve(sockets=[api_sock]))
 
     checkpoints = asyncio.create_task(_checkpoint_loop(array, cfg.clean_after))
     copier = asyncio.create_task(_mirror_copy_loop(array))
-    _publish(home, nbd, ctx.api_url, iscsi)
+    _publish(home, nbd, ctx.api_url, iscsi, cfg)
     _print_banner(home, array, nbd, ctx.api_url, iscsi)
     try:
         await _wait_for_stop(stop, api_task)
@@ -208,6 +250,41 @@ async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> 
             server.portal,
         )
     return server
+
+
+def check_api_exposure(host: str, *, api_tls: bool) -> None:
+    """Plain HTTP only on loopback: elsewhere the bearer token would cross the network."""
+    if not api_tls and not _is_loopback(host):
+        raise InvalidArgument(
+            f"the API would listen on {host} without TLS, where its bearer token "
+            "could be read off the network: add --api-tls (with --tls-cert and --tls-key) "
+            "or keep --api-listen on loopback"
+        )
+
+
+def _warn_if_open(nbd: NbdServer, cfg: DaemonConfig) -> None:
+    host, port = nbd.tcp_address or (cfg.nbd_host, cfg.nbd_port)
+    warning = open_nbd_warning(host, port, cfg.tls, verify_client=cfg.tls_verify_client)
+    if warning:
+        log.warning("%s", warning)
+
+
+def open_nbd_warning(host: str, port: int, mode: TlsMode, *, verify_client: bool) -> str | None:
+    """The start-up warning (in the iSCSI portal's words) for an NBD listener that
+    any host reaching it may use; None when it is on loopback or needs a certificate."""
+    if _is_loopback(host) or (mode == TlsMode.REQUIRE and verify_client):
+        return None
+    if mode == TlsMode.REQUIRE:
+        why = "client certificates are not verified (--tls-verify-client)"
+    elif mode == TlsMode.ALLOW:
+        why = "TLS is optional (clients may stay in clear text)"
+    else:
+        why = "TLS is off"
+    return (
+        f"the NBD listener {_url_host(host)}:{port} listens beyond loopback and {why}: "
+        "any host that reaches it can read and write every LUN "
+        "(use --tls require --tls-verify-client)"
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -357,7 +434,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _publish(home: Home, nbd: NbdServer, api_url: str, iscsi: IscsiServer | None) -> None:
+def _publish(
+    home: Home, nbd: NbdServer, api_url: str, iscsi: IscsiServer | None, cfg: DaemonConfig
+) -> None:
     tcp = nbd.tcp_address
     address = iscsi.address if iscsi is not None else None
     atomic_write_json(
@@ -372,6 +451,9 @@ def _publish(home: Home, nbd: NbdServer, api_url: str, iscsi: IscsiServer | None
             "iscsi_port": address[1] if address else None,
             "iscsi_portal": iscsi.portal if iscsi is not None else None,
             "iscsi_target": iscsi.target_name if iscsi is not None else None,
+            "nbd_tls": str(cfg.tls),
+            # The CLI on this host verifies the API with the CA that signed its certificate.
+            "api_ca_file": str(cfg.tls_ca.resolve()) if cfg.api_tls and cfg.tls_ca else None,
         },
     )
 
@@ -381,9 +463,10 @@ def _print_banner(
 ) -> None:
     lines = [f"lunseal {__version__} serving array {array.array_id} from {home.root}"]
     tcp = nbd.tcp_address
+    scheme = "nbds" if nbd.tls_offered else "nbd"
     for lun in array.luns()[:5]:
         if tcp:
-            lines.append(f"  NBD  nbd://{_url_host(tcp[0])}:{tcp[1]}/{lun.name}")
+            lines.append(f"  NBD  {scheme}://{_url_host(tcp[0])}:{tcp[1]}/{lun.name}")
         if nbd.unix_path:
             lines.append(f"  NBD  nbd+unix:///{lun.name}?socket={nbd.unix_path}")
     if iscsi is not None:
@@ -396,5 +479,11 @@ def _print_banner(
     lines.append(f"  CLI  {cli if cli.exists() else 'lunseal'} --home {home.root} lun list")
     if tcp:
         first = array.luns()[0].name if array.luns() else ""
-        lines.append(f"  try  qemu-img info nbd://{_url_host(tcp[0])}:{tcp[1]}/{first}")
+        if not nbd.tls_offered:
+            lines.append(f"  try  qemu-img info nbd://{_url_host(tcp[0])}:{tcp[1]}/{first}")
+        else:
+            lines.append(
+                f"  try  nbdinfo 'nbds://{_url_host(tcp[0])}:{tcp[1]}/{first}"
+                "?tls-certificates=DIR'  (DIR holds ca-cert.pem; see docs/tls.md)"
+            )
     print("\n".join(lines), flush=True)

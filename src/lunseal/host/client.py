@@ -8,6 +8,7 @@ tool on another host would.
 from __future__ import annotations
 
 import json
+import os
 import urllib.parse
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,21 +36,35 @@ from lunseal.schema.state import (
     StateInfo,
     TokenCheck,
 )
+from lunseal.tlsconfig import build_client_context
 
 M = TypeVar("M", bound=BaseModel)
 
 
+#: CA bundle the API's HTTPS certificate is verified against (else the system's CAs).
+CA_FILE_ENV = "LUNSEAL_CA_FILE"
+
+
 class ArrayClient:
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: str, *, timeout: float = 30.0, ca_file: Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
+        if ca_file is None and os.environ.get(CA_FILE_ENV):
+            ca_file = Path(os.environ[CA_FILE_ENV])
+        # Always verified: a bearer token must never go to an unproven server.
+        verify = build_client_context(ca_file) if self.url.startswith("https:") else True
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
+            verify=verify,
         )
 
     @classmethod
-    def for_home(cls, root: Path, token: str | None = None) -> ArrayClient:
+    def for_home(
+        cls, root: Path, token: str | None = None, *, ca_file: Path | None = None
+    ) -> ArrayClient:
         """Connect to the daemon that serves the data directory ``root``, with
         ``token``, else the data directory's first-start admin token."""
         home = Home(root)
@@ -62,7 +77,10 @@ class ArrayClient:
                 f"no lunseal daemon is running for {root} (start one with: "
                 f"lunseal --home {root} serve)"
             ) from None
-        return cls(str(info["api_url"]), token)
+        published = info.get("api_ca_file")
+        if ca_file is None and published and not os.environ.get(CA_FILE_ENV):
+            ca_file = Path(published)
+        return cls(str(info["api_url"]), token, ca_file=ca_file)
 
     def close(self) -> None:
         self._http.close()

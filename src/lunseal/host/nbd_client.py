@@ -3,17 +3,22 @@
 Host tools talk to an array only through its API and NBD, as a program on
 another machine would; this is their NBD side.  Fixed newstyle, OPT_GO, simple
 replies (no structured replies are negotiated), one request at a time plus
-pipelined reads for streaming.  URIs: ``nbd+unix:///EXPORT?socket=PATH`` and
-``nbd://HOST[:PORT]/EXPORT``.
+pipelined reads for streaming.  URIs: ``nbd+unix:///EXPORT?socket=PATH``,
+``nbd://HOST[:PORT]/EXPORT`` and ``nbds://HOST[:PORT]/EXPORT`` (STARTTLS,
+the server verified with ``$LUNSEAL_CA_FILE`` or the system's CAs; a client
+certificate from ``$LUNSEAL_TLS_CERT`` and ``$LUNSEAL_TLS_KEY`` if set).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import ssl
 import struct
 import urllib.parse
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from lunseal.errors import (
     BackendError,
@@ -23,12 +28,28 @@ from lunseal.errors import (
     ProtocolError,
 )
 from lunseal.frontends.nbd import constants as c
+from lunseal.tlsconfig import build_client_context
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _OPTION_REPLY = struct.Struct(">QIII")
 DEFAULT_PORT = 10809
 PIPELINE = 8
+
+
+CA_FILE_ENV = "LUNSEAL_CA_FILE"
+CERT_ENV = "LUNSEAL_TLS_CERT"
+KEY_ENV = "LUNSEAL_TLS_KEY"
+
+
+def tls_context_from_env() -> ssl.SSLContext:
+    """The context ``nbds://`` URIs use when the caller gives none."""
+
+    def path(name: str) -> Path | None:
+        value = os.environ.get(name)
+        return Path(value) if value else None
+
+    return build_client_context(path(CA_FILE_ENV), cert=path(CERT_ENV), key=path(KEY_ENV))
 
 
 def connect_address(uri: str) -> tuple[int, str | tuple[str, int], str]:
@@ -40,23 +61,32 @@ def connect_address(uri: str) -> tuple[int, str | tuple[str, int], str]:
         if "socket" not in query:
             raise InvalidArgument(f"{uri}: nbd+unix URIs need ?socket=PATH")
         return socket.AF_UNIX, query["socket"][0], export
-    if parsed.scheme == "nbd":
+    if parsed.scheme in ("nbd", "nbds"):
         host = parsed.hostname or "localhost"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return family, (host, parsed.port or DEFAULT_PORT), export
-    raise InvalidArgument(f"{uri}: not an NBD URI (nbd:// or nbd+unix://)")
+    raise InvalidArgument(f"{uri}: not an NBD URI (nbd://, nbds:// or nbd+unix://)")
 
 
 class NbdClient:
-    def __init__(self, uri: str, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, uri: str, *, timeout: float = 60.0, tls: ssl.SSLContext | None = None
+    ) -> None:
         family, address, self.export = connect_address(uri)
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        if tls is None and uri.startswith("nbds:"):
+            tls = tls_context_from_env()
+        self._tls = tls
+        self._server_name = address[0] if isinstance(address, tuple) else "localhost"
+        self._sock: socket.socket = socket.socket(family, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         with contextlib.suppress(OSError):  # fewer wake-ups for multi-MiB replies
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         try:
             self._sock.connect(address)
             self.size, self.flags = self._handshake()
+        except ssl.SSLError as exc:
+            self._sock.close()
+            raise BackendError(f"TLS with {uri} failed: {exc.reason or exc}") from exc
         except OSError as exc:
             self._sock.close()
             raise BackendError(f"cannot connect to {uri}: {exc}") from exc
@@ -95,6 +125,8 @@ class NbdClient:
         if magic != c.NBDMAGIC or opt_magic != c.IHAVEOPT:
             raise ProtocolError("not a fixed-newstyle NBD server")
         self._sock.sendall(struct.pack(">I", c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES))
+        if self._tls is not None:
+            self._starttls(self._tls)
         name = self.export.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
         self._sock.sendall(struct.pack(">QII", c.IHAVEOPT, c.OPT_GO, len(data)) + data)
@@ -112,6 +144,16 @@ class NbdClient:
         if size < 0:
             raise ProtocolError("the NBD server sent no export information")
         return size, flags
+
+    def _starttls(self, context: ssl.SSLContext) -> None:
+        self._sock.sendall(struct.pack(">QII", c.IHAVEOPT, c.OPT_STARTTLS, 0))
+        _magic, _opt, reply, length = _OPTION_REPLY.unpack(self._recv(_OPTION_REPLY.size))
+        body = self._recv(length)
+        if reply != c.REP_ACK:
+            raise LunsealError(
+                f"the NBD server refused TLS: {body.decode(errors='replace') or hex(reply)}"
+            )
+        self._sock = context.wrap_socket(self._sock, server_hostname=self._server_name)
 
     # -- transmission -----------------------------------------------------------------
 

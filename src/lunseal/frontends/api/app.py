@@ -136,7 +136,9 @@ def lun_info(lun: Lun, nbd: NbdServer) -> LunInfo:
     if nbd.tcp_address is not None:
         host, port = nbd.tcp_address
         host = f"[{host}]" if ":" in host else host
-        uris.append(f"nbd://{host}:{port}/{rec.name}")
+        # nbds: the client must STARTTLS (libnbd's and lunseal's clients do).
+        scheme = "nbds" if nbd.tls_offered else "nbd"
+        uris.append(f"{scheme}://{host}:{port}/{rec.name}")
     if nbd.unix_path is not None:
         uris.append(f"nbd+unix:///{rec.name}?socket={nbd.unix_path}")
     s = lun.stats

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from lunseal.engine.lun import Lun
 from lunseal.frontends.nbd import codec
 from lunseal.frontends.nbd import constants as c
+from lunseal.tlsconfig import TlsMode
 
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
@@ -26,6 +27,8 @@ class Outcome:
     #: Set when negotiation is over and transmission starts on this LUN.
     lun: Lun | None = None
     close: bool = False
+    #: Set when the replies end with STARTTLS's ACK: the TLS handshake comes next.
+    starttls: bool = False
 
 
 @dataclass
@@ -37,8 +40,17 @@ class Negotiator:
     #: Export name the selected meta contexts belong to, and the contexts.
     meta_export: str | None = None
     meta_contexts: dict[int, str] = field(default_factory=dict)
+    #: Whether STARTTLS is offered (and required) on this connection.
+    tls_mode: TlsMode = TlsMode.OFF
+    #: The connection is encrypted already (this negotiator starts after STARTTLS).
+    tls_active: bool = False
 
     def handle(self, option: int, data: bytes, *, oversize: bool = False) -> Outcome:
+        if self._tls_required(option):
+            if option == c.OPT_EXPORT_NAME:
+                return Outcome([], close=True)  # no error reply exists for it: hang up
+            message = "TLS is required: negotiate STARTTLS first"
+            return Outcome([codec.option_error(option, c.REP_ERR_TLS_REQD, message)])
         if oversize:
             return self._too_big(option)
         handler = _HANDLERS.get(option)
@@ -58,6 +70,15 @@ class Negotiator:
             self.meta_export, self.meta_contexts = None, {}  # SET replaces even when it fails
         message = f"option data over {c.MAX_OPTION_DATA} bytes"
         return Outcome([codec.option_error(option, c.REP_ERR_TOO_BIG, message)])
+
+    def _tls_required(self, option: int) -> bool:
+        # Before the upgrade only STARTTLS itself and ABORT (which reveals
+        # nothing) are served; every answer about exports waits for TLS.
+        return (
+            self.tls_mode == TlsMode.REQUIRE
+            and not self.tls_active
+            and option not in (c.OPT_STARTTLS, c.OPT_ABORT)
+        )
 
     @property
     def base_allocation(self) -> bool:
@@ -93,7 +114,13 @@ class Negotiator:
         return Outcome([*replies, codec.option_reply(option, c.REP_ACK)])
 
     def _starttls(self, option: int, data: bytes) -> Outcome:
-        return Outcome([codec.option_error(option, c.REP_ERR_UNSUP, "TLS is not configured")])
+        if self.tls_mode == TlsMode.OFF:
+            return Outcome([codec.option_error(option, c.REP_ERR_UNSUP, "TLS is not configured")])
+        if self.tls_active:
+            return Outcome([codec.option_error(option, c.REP_ERR_INVALID, "TLS is already on")])
+        if data:
+            raise codec.OptionDataError("STARTTLS takes no data")
+        return Outcome([codec.option_reply(option, c.REP_ACK)], starttls=True)
 
     def _info_or_go(self, option: int, data: bytes) -> Outcome:
         name, wanted = codec.parse_info_request(data)

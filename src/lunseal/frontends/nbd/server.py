@@ -33,10 +33,12 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -49,6 +51,7 @@ from lunseal.frontends.nbd import constants as c
 from lunseal.frontends.nbd.codec import ClientFlags, OptionRequest, Request, ServerCodec
 from lunseal.frontends.nbd.negotiation import Negotiator
 from lunseal.frontends.nbd.transmission import ZERO_COPY_MIN, Buffers, Transmission
+from lunseal.tlsconfig import ServerTls, TlsMode, peer_identities
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,20 @@ MAX_BATCH = 128
 
 
 class NbdConnection(asyncio.BufferedProtocol):
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, *, tls_mode: TlsMode = TlsMode.OFF) -> None:
         self.server = server
         self.codec = ServerCodec()
-        self.negotiator = Negotiator(resolve=server.resolve, list_exports=server.array.luns)
+        self.tls_mode = tls_mode
+        self.negotiator = self._new_negotiator(tls_active=False)
+        #: The connection was upgraded with STARTTLS.
+        self.tls_active = False
+        #: The verified client certificate's identities ("cert:CN=...",
+        #: "san:DNS:...", see lunseal.tlsconfig.peer_identities); empty in clear
+        #: text and for clients without a certificate.
+        self.client_identities: list[str] = []
+        #: Between STARTTLS's ACK and the end of the TLS handshake: nothing is read.
+        self._upgrading = False
+        self._upgrade_task: asyncio.Task[None] | None = None
         self.transmission: Transmission | None = None
         self.lun: Lun | None = None
         self.transport: asyncio.Transport | None = None
@@ -184,7 +197,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             # A request adds at most its length; the exact room (a transport
             # call) is measured again only once this estimate runs out.
             room = self._room()
-            while room > 0 and not self._closing:
+            while room > 0 and not self._closing and not self._upgrading:
                 event = next_event()
                 if event is None:
                     break
@@ -402,8 +415,77 @@ class NbdConnection(asyncio.BufferedProtocol):
         out.extend(outcome.replies)
         if outcome.close:
             self.close()
+        elif outcome.starttls:
+            self._start_tls(out)
         elif outcome.lun is not None:
             self._start_transmission(outcome.lun)
+
+    # -- TLS ----------------------------------------------------------------------
+
+    def _new_negotiator(self, *, tls_active: bool) -> Negotiator:
+        return Negotiator(
+            resolve=self.server.resolve,
+            list_exports=self.server.array.luns,
+            tls_mode=self.tls_mode,
+            tls_active=tls_active,
+        )
+
+    def _start_tls(self, out: Buffers) -> None:
+        tls = self.server.tls
+        assert tls is not None  # the negotiator offers STARTTLS only with TLS configured
+        if self.codec.pending_bytes:
+            # Bytes sent after STARTTLS but before the handshake would be
+            # clear text smuggled into the encrypted session.
+            out.pop()  # no ACK: the client must not start a handshake on it
+            raise ProtocolError("client sent data after STARTTLS before the TLS handshake")
+        self._send(out)  # the ACK goes out in clear, ahead of the handshake
+        self._upgrading = True
+        # Kept: the loop holds only a weak reference to a task.
+        self._upgrade_task = self._loop.create_task(self._upgrade(tls.context))
+
+    def _upgrade_failed(self, raw: asyncio.Transport) -> None:
+        raw.abort()
+        if not self.closed.done():
+            self.connection_lost(None)  # the TLS layer does not report it mid-handshake
+
+    async def _upgrade(self, context: ssl.SSLContext) -> None:
+        raw = self.transport
+        assert raw is not None
+        try:
+            transport = await self._loop.start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=None
+            )
+        except (OSError, ssl.SSLError, EOFError, asyncio.CancelledError) as exc:
+            log.warning("NBD client %s: TLS handshake failed: %s", self.peer, exc or "aborted")
+            self._upgrade_failed(raw)
+            return
+        if transport is None or transport.is_closing() or self._closing:
+            # The connection went away mid-handshake (the handshake timer, a
+            # server shutdown): the TLS layer ends the wait without an error.
+            if transport is not None:
+                transport.abort()
+            self._upgrade_failed(raw)
+            return
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self._sock_fd = -1  # sendfile would bypass the encryption
+        self.tls_active = True
+        ssl_object = transport.get_extra_info("ssl_object")
+        peercert = ssl_object.getpeercert() if ssl_object is not None else None
+        self.client_identities = peer_identities(peercert)
+        # Nothing negotiated in clear text carries over (structured replies,
+        # meta contexts): a man in the middle could have chosen it.
+        no_zeroes = self.negotiator.no_zeroes
+        self.negotiator = self._new_negotiator(tls_active=True)
+        self.negotiator.no_zeroes = no_zeroes
+        self._upgrading = False
+        log.info(
+            "NBD client %s upgraded to TLS (%s)%s",
+            self.peer,
+            ssl_object.version() if ssl_object is not None else "?",
+            f" as {', '.join(self.client_identities)}" if self.client_identities else "",
+        )
+        self._process()
 
     def _start_transmission(self, lun: Lun) -> None:
         self.codec.start_transmission()
@@ -535,8 +617,14 @@ class NbdServer:
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls: ServerTls | None = None,
     ) -> None:
         self.array = array
+        #: The daemon's TLS holder (None: no certificates; its mode may still be
+        #: off when only the API uses them).  SIGHUP reloads it.  The Unix socket offers
+        #: STARTTLS but never requires it: only local users reach it, and its
+        #: mode 0600 already limits them to root.
+        self.tls = tls
         self.connections: set[NbdConnection] = set()
         self.max_connections = _fd_bounded(max_connections)
         self.handshake_timeout = handshake_timeout
@@ -552,8 +640,20 @@ class NbdServer:
     def resolve(self, name: str) -> Lun | None:
         return self.array.default_lun() if name == "" else self.array.find(name)
 
-    def _factory(self) -> NbdConnection:
-        return NbdConnection(self)
+    def _factory(self, family: int = socket.AF_INET) -> NbdConnection:
+        return NbdConnection(self, tls_mode=self._tls_mode(family))
+
+    @property
+    def tls_offered(self) -> bool:
+        """STARTTLS is offered on the TCP listener (clients should use nbds://)."""
+        return self.tls is not None and self.tls.mode != TlsMode.OFF
+
+    def _tls_mode(self, family: int) -> TlsMode:
+        if self.tls is None or self.tls.mode == TlsMode.OFF:
+            return TlsMode.OFF
+        if family == socket.AF_UNIX:
+            return TlsMode.ALLOW
+        return self.tls.mode
 
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -636,7 +736,7 @@ class NbdServer:
                 continue
             conn.setblocking(False)
             self._attaching += 1
-            asyncio.get_running_loop().create_task(self._attach(conn))
+            asyncio.get_running_loop().create_task(self._attach(conn, sock.family))
 
     def _full(self) -> bool:
         return len(self.connections) + self._attaching >= self.max_connections
@@ -653,10 +753,10 @@ class NbdServer:
             self.max_connections,
         )
 
-    async def _attach(self, conn: socket.socket) -> None:
+    async def _attach(self, conn: socket.socket, family: int) -> None:
         try:
             _transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
-                self._factory, conn
+                partial(self._factory, family), conn
             )
             if not self._listeners:
                 protocol.close()  # the server closed while this one was being set up

@@ -48,7 +48,7 @@ def nbd_uri(api: ArrayClient, lun: str) -> str:
             if sock and os.path.exists(sock):
                 return uri
     for uri in uris:
-        if uri.startswith("nbd://"):
+        if uri.startswith(("nbd://", "nbds://")):
             return _reachable(uri, api.url)
     raise LunsealError(f"LUN {lun} has no NBD endpoint this host can reach")
 

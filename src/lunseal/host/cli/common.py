@@ -44,6 +44,7 @@ class _Options(Protocol):
     token: str | None
     token_file: Path | None
     json: bool
+    ca_file: Any
 
 
 def options(ctx: typer.Context) -> _Options:
@@ -86,8 +87,8 @@ def client(ctx: typer.Context) -> ArrayClient:
             raise InvalidArgument(
                 f"--url needs --token-file FILE (or ${TOKEN_ENV} / ${TOKEN_FILE_ENV})"
             )
-        return ArrayClient(opts.url, token)
-    return ArrayClient.for_home(resolve_home(opts.home), token)
+        return ArrayClient(opts.url, token, ca_file=opts.ca_file)
+    return ArrayClient.for_home(resolve_home(opts.home), token, ca_file=opts.ca_file)
 
 
 def emit(

@@ -35,6 +35,7 @@ class GlobalOptions:
     token: str | None
     token_file: Path | None
     json: bool
+    ca_file: Path | None = None
 
 
 def _version(value: bool) -> None:
@@ -63,6 +64,9 @@ def main_options(
         None, "--token", help="API token (discouraged: ps shows it; use --token-file)"
     ),
     json_output: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+    ca_file: Path | None = typer.Option(
+        None, "--ca-file", envvar="LUNSEAL_CA_FILE", help="CA that signed the API's certificate"
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="print the version"
     ),
@@ -75,7 +79,7 @@ def main_options(
             file=sys.stderr,
         )
     ctx.obj = GlobalOptions(
-        home=home, url=url, token=token, token_file=token_file, json=json_output
+        home=home, url=url, token=token, token_file=token_file, json=json_output, ca_file=ca_file
     )
 
 
@@ -95,7 +99,7 @@ app.command("demo")(demo.demo)
 
 #: Global options: accepted anywhere before ``--``, moved in front of the subcommand.
 GLOBAL_FLAGS = frozenset({"--json"})
-GLOBAL_VALUED = frozenset({"--home", "--url", "--token", "--token-file"})
+GLOBAL_VALUED = frozenset({"--home", "--url", "--token", "--token-file", "--ca-file"})
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

@@ -37,6 +37,22 @@ def serve(
     handshake_timeout: float = typer.Option(
         10.0, help="seconds an NBD client may take to negotiate before it is dropped"
     ),
+    tls: str = typer.Option(
+        "off",
+        help="NBD over TLS (STARTTLS) on the TCP listener: off, allow (clients choose) or "
+        "require (nothing is listed or opened in clear text); the Unix socket stays clear",
+    ),
+    tls_cert: Path | None = typer.Option(None, help="server certificate (PEM, chain first)"),
+    tls_key: Path | None = typer.Option(None, help="private key of --tls-cert (PEM)"),
+    tls_ca: Path | None = typer.Option(
+        None, help="CA bundle that client certificates are verified against (PEM)"
+    ),
+    tls_verify_client: bool = typer.Option(
+        False, help="refuse NBD clients without a certificate signed by --tls-ca"
+    ),
+    api_tls: bool = typer.Option(
+        False, help="serve the API over HTTPS with --tls-cert/--tls-key (needed beyond loopback)"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     log_file: Path | None = typer.Option(None, help="also append logs to this file"),
     clean_after: float = typer.Option(
@@ -54,6 +70,10 @@ def serve(
     # Imported here: the daemon pulls in uvicorn and FastAPI, which every other
     # subcommand would otherwise pay for at start-up.
     from lunseal.daemon import DaemonConfig, run
+    from lunseal.tlsconfig import TlsMode
+
+    if tls not in {m.value for m in TlsMode}:
+        raise typer.BadParameter("off, allow or require", param_hint="--tls")
 
     if clean_after <= 0:
         raise typer.BadParameter("must be positive", param_hint="--clean-after")
@@ -84,6 +104,12 @@ def serve(
             iscsi_host=iscsi_listen,
             iscsi_port=iscsi_port,
             iscsi_target_name=iscsi_target_name,
+            tls=TlsMode(tls),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            tls_verify_client=tls_verify_client,
+            api_tls=api_tls,
         )
     )
     raise typer.Exit(code)
