@@ -32,6 +32,7 @@ from lunseal.engine.array import CATALOG_FILE, Array
 from lunseal.engine.lun import run_on_lun
 from lunseal.errors import AddressInUse, InvalidArgument, LunsealError
 from lunseal.frontends.api.app import DaemonContext, create_app
+from lunseal.frontends.api.metrics import Exposure, exposure_warnings
 from lunseal.frontends.iscsi.acl import CatalogAccess
 from lunseal.frontends.iscsi.server import IscsiServer, default_target_name
 from lunseal.frontends.nbd.server import (
@@ -155,6 +156,12 @@ async def _run_servers(
     ctx = DaemonContext(array=array, nbd=nbd, token=token)
     if iscsi is not None:
         ctx.iscsi_target, ctx.iscsi_portal = iscsi.target_name, iscsi.portal
+        ctx.iscsi_connections = partial(len, iscsi.connections)
+    ctx.exposures = partial(_exposures, array, nbd, iscsi, api_host)
+    ctx.reloads = lambda: {"ok": reloader.reloads, "failed": reloader.failures}
+    for item in ctx.exposures():
+        if item.listener != "iSCSI":  # warned about as the portal started
+            log.warning("%s: anyone who reaches it can use it", item.message())
     ctx.api_url = f"http://{_url_host(api_host)}:{api_port}"
     api = _EmbeddedUvicorn(
         uvicorn.Config(create_app(ctx), log_level="warning", lifespan="off", access_log=False)
@@ -278,6 +285,19 @@ async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> 
             server.portal,
         )
     return server
+
+
+def _exposures(
+    array: Array, nbd: NbdServer, iscsi: IscsiServer | None, api_host: str
+) -> list[Exposure]:
+    tcp = nbd.tcp_address
+    address = iscsi.address if iscsi is not None else None
+    return exposure_warnings(
+        nbd=tcp[0] if tcp else None,
+        iscsi=address[0] if address else None,
+        iscsi_acl=array.catalog.iscsi_acl.configured,
+        api=api_host,
+    )
 
 
 def _is_loopback(host: str) -> bool:

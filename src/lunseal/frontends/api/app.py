@@ -30,6 +30,7 @@ from lunseal.engine.lun import Lun
 from lunseal.engine.sqlite_guard import catalog_error
 from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
 from lunseal.frontends.api.iscsi_routes import install_iscsi_routes
+from lunseal.frontends.api.metrics import Exposure, Sources, render
 from lunseal.frontends.api.mirror_routes import install_mirror_routes
 from lunseal.frontends.api.state_routes import install_state_routes
 from lunseal.frontends.nbd.server import NbdServer
@@ -67,6 +68,12 @@ class DaemonContext:
     #: The iSCSI target's name and portal (HOST:PORT); None while iSCSI is off.
     iscsi_target: str | None = None
     iscsi_portal: str | None = None
+    #: Open iSCSI connections (metrics); None while iSCSI is off.
+    iscsi_connections: Callable[[], int] | None = None
+    #: Listeners open beyond loopback without protection (status, metrics).
+    exposures: Callable[[], list[Exposure]] = list
+    #: SIGHUP reloads by result (metrics).
+    reloads: Callable[[], dict[str, int]] = dict
 
 
 def create_app(ctx: DaemonContext) -> FastAPI:
@@ -83,7 +90,24 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     install_state_routes(app, ctx.array)
     install_mirror_routes(app, ctx.array)
     install_iscsi_routes(app, ctx.array, lambda: (ctx.iscsi_target, ctx.iscsi_portal))
+    _install_metrics(app, ctx)
     return app
+
+
+def _install_metrics(app: FastAPI, ctx: DaemonContext) -> None:
+    def connections() -> dict[str, int]:
+        counts = {"nbd": len(ctx.nbd.connections)}
+        if ctx.iscsi_connections is not None:
+            counts["iscsi"] = ctx.iscsi_connections()
+        return counts
+
+    sources = Sources(ctx.array, connections, lambda: ctx.exposures(), lambda: ctx.reloads())
+
+    @app.get("/metrics", tags=["array"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        body, content_type = render(sources)
+        return Response(body, media_type=content_type)
 
 
 def _install_auth(app: FastAPI, token: str) -> None:
@@ -201,6 +225,7 @@ def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
                 unix=str(nbd.unix_path) if nbd.unix_path else None,
             ),
             api_url=ctx.api_url,
+            warnings=[item.message() for item in ctx.exposures()],
         )
 
     @app.get("/v1/luns", response_model=list[LunInfo], tags=["luns"])
