@@ -14,6 +14,7 @@ from lunseal.host.backup.common import Log
 from lunseal.host.backup.create import create_backup
 from lunseal.host.backup.restore import plan_restore, run_restore
 from lunseal.host.cli.common import client, console, options, progress_bar, table
+from lunseal.host.job_metrics import ENV_TEXTFILE, record_job, textfile
 from lunseal.units import format_size
 
 app = typer.Typer(help="Back up LUNs through their mirrors into an archive.", no_args_is_help=True)
@@ -22,6 +23,14 @@ archive_app = typer.Typer(help="Inspect the archive repository.", no_args_is_hel
 ENV_ARCHIVE = "LUNSEAL_ARCHIVE"
 ARCHIVE_OPTION = typer.Option(
     None, "--archive", envvar=ENV_ARCHIVE, help="archive directory [default: ./lunseal-archive]"
+)
+
+
+METRICS_OPTION = typer.Option(
+    None,
+    "--metrics-textfile",
+    help="record the run's duration and result in this Prometheus textfile "
+    f"(node_exporter's textfile collector) [env {ENV_TEXTFILE}]",
 )
 
 
@@ -48,10 +57,15 @@ def create(
     pre_split: str | None = typer.Option(None, "--pre-split", help="command that quiesces"),
     post_split: str | None = typer.Option(None, "--post-split", help="command that thaws"),
     target_access: str = typer.Option("ro", "--target-access", help="hosts' access to the copy"),
+    metrics_textfile: Path | None = METRICS_OPTION,
 ) -> None:
     """Resync, split and archive a disk copy of SOURCE; incremental when it can be."""
     log = _say(ctx)
-    with client(ctx) as api, progress_bar(ctx, log) as progress:
+    with (
+        record_job("backup", source, textfile(metrics_textfile)),
+        client(ctx) as api,
+        progress_bar(ctx, log) as progress,
+    ):
         result = create_backup(
             api,
             open_repo(archive, create=True),
@@ -210,6 +224,7 @@ def restore(
         "copied", "--verify-mirror", help="check the copied chunks of the mirror, or full"
     ),
     archive: Path | None = ARCHIVE_OPTION,
+    metrics_textfile: Path | None = METRICS_OPTION,
 ) -> None:
     """Restore a backup: from the mirror if its token is unchanged, else the archive.
     The mirror's chunks are checked against the backup first, the result after."""
@@ -217,7 +232,8 @@ def restore(
         raise InvalidArgument("--from takes archive or mirror")
     log = _say(ctx)
     repo = open_repo(archive)
-    with client(ctx) as api:
+    path = None if dry_run else textfile(metrics_textfile)
+    with record_job("restore", to or "unknown", path) as run, client(ctx) as api:
         plan = plan_restore(
             api,
             repo,
@@ -228,6 +244,7 @@ def restore(
             force=force,
             verify_mirror=verify_mirror,
         )
+        run.lun = plan.dest
         if dry_run:
             log(plan.describe())
         else:
