@@ -4,6 +4,7 @@ old settings after a bad one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -130,3 +131,47 @@ def test_sighup_without_a_config_file_changes_nothing(tmp_path: Path) -> None:
             assert client.status().luns == 1
     finally:
         assert daemon.stop() == 0
+
+
+def test_reload_applies_the_log_level_and_a_failing_hook_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    # In-process: the test daemon always passes --log-level, which wins over a file.
+    from lunseal.daemon import DaemonConfig, Reloader
+    from lunseal.engine.array import Array
+    from lunseal.errors import InvalidArgument
+
+    root = logging.getLogger()
+    old_level = root.level
+    allowed = tmp_path / "disks"
+    allowed.mkdir()
+    config = tmp_path / "lunseal.toml"
+    config.write_text(f"[serve]\nlog_level = 'error'\nallowed_backing_dirs = ['{allowed}']\n")
+    array = Array.open(tmp_path / "home")
+    try:
+        reloader = Reloader(DaemonConfig(home=tmp_path / "home", config_file=config), array)
+        seen: list[dict[str, object]] = []
+
+        def tls(new: dict[str, object]) -> str:
+            seen.append(new)
+            return "TLS certificates"
+
+        reloader.hooks.append(tls)
+        reloader.reload()
+        assert root.level == logging.ERROR
+        assert array.allowed_backing_dirs == (allowed.resolve(),)
+        assert seen[-1]["log_level"] == "error"
+        assert reloader.reloads == 1
+
+        def broken(new: dict[str, object]) -> str:
+            raise InvalidArgument("cannot load the new certificate")
+
+        reloader.hooks.append(broken)
+        config.write_text("[serve]\nlog_level = 'debug'\nallowed_backing_dirs = []\n")
+        reloader.reload()
+        assert root.level == logging.ERROR  # nothing of the new file was applied
+        assert array.allowed_backing_dirs == (allowed.resolve(),)
+        assert reloader.failures == 1
+    finally:
+        array.close()
+        root.setLevel(old_level)

@@ -206,19 +206,20 @@ class Reloader:
         self.failures = 0
 
     def reload(self) -> None:
-        if self.cfg.config_file is None:
+        if self.cfg.config_file is None and not self.hooks:
             log.info("SIGHUP: no configuration file (--config) to reload; nothing changed")
             return
         try:
-            new = self._read()
-            done = self._apply(new)
+            # Without a file the hooks still run (certificates are re-read).
+            done = self._apply(self._read() if self.cfg.config_file is not None else {})
         except Exception as exc:
             self.failures += 1
             message = exc.message if isinstance(exc, LunsealError) else str(exc)
             log.error("SIGHUP: configuration not reloaded, the old settings stay: %s", message)
             return
         self.reloads += 1
-        log.info("SIGHUP: reloaded %s from %s", ", ".join(done), self.cfg.config_file)
+        source = self.cfg.config_file or "the command line"
+        log.info("SIGHUP: reloaded %s from %s", ", ".join(done) or "nothing", source)
 
     def _read(self) -> dict[str, Any]:
         from lunseal.config import load

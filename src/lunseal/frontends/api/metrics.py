@@ -72,19 +72,26 @@ def is_loopback(host: str) -> bool:
 
 
 def exposure_warnings(
-    nbd: str | None, iscsi: str | None, iscsi_acl: bool, api: str | None
+    nbd: str | None,
+    iscsi: str | None,
+    iscsi_acl: bool,
+    api: str | None,
+    *,
+    nbd_protected: bool = False,
+    api_tls: bool = False,
 ) -> list[Exposure]:
     """Listeners (``host`` of each; ``None`` when off) open beyond loopback unprotected.
 
-    NBD has neither TLS nor export access control yet, so any non-loopback NBD
-    listener is exposed; iSCSI is exposed until an initiator ACL exists; the API
-    always needs its token but travels in clear (plain HTTP)."""
+    NBD is exposed unless ``nbd_protected`` (TLS with verified client
+    certificates, or export access control, once the daemon has them); iSCSI
+    until an initiator ACL exists; the API always needs its token, but over
+    plain HTTP that token crosses the network in clear."""
     out: list[Exposure] = []
-    if nbd is not None and not is_loopback(nbd):
+    if nbd is not None and not is_loopback(nbd) and not nbd_protected:
         out.append(Exposure("NBD", nbd, "without TLS or access control"))
     if iscsi is not None and not is_loopback(iscsi) and not iscsi_acl:
         out.append(Exposure("iSCSI", iscsi, "without an initiator ACL"))
-    if api is not None and not is_loopback(api):
+    if api is not None and not is_loopback(api) and not api_tls:
         out.append(Exposure("API", api, "over plain HTTP (the token travels in clear)"))
     return out
 
