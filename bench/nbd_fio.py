@@ -11,6 +11,11 @@ State tracking is on (a hold with a change map on every LUN) unless
 LUNs (nbdkit: N exports of one file plugin ``dir=``) and runs one fio job per
 LUN at once; the table then shows the aggregate of the N jobs.
 
+``--baseline SRC`` also runs a second lunseal, imported from the source tree
+``SRC`` (e.g. ``git archive BASE src | tar -x -C /tmp/base`` then
+``--baseline /tmp/base/src``), as a third server in the same repetitions:
+a before/after comparison that the machine's drift hits equally.
+
     .venv/bin/python bench/nbd_fio.py [--duration 10] [--reps 5] [--luns 4] [--json out.json]
 """
 
@@ -84,9 +89,16 @@ def lunseal_binary() -> str:
     return found
 
 
-def lunseal_cli(home: Path, *args: str) -> Any:
+def lunseal_env(source: Path | None) -> dict[str, str] | None:
+    """The environment that makes ``lunseal`` import the tree ``source`` (None: ours)."""
+    return None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+
+
+def lunseal_cli(home: Path, *args: str, source: Path | None = None) -> Any:
     cmd = [lunseal_binary(), "--home", str(home), "--json", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, check=True, env=lunseal_env(source)
+    ).stdout
     return json.loads(out) if out.strip() else None
 
 
@@ -102,25 +114,34 @@ def lun_names(luns: int) -> list[str]:
     return [LUN_NAME] if luns == 1 else [f"{LUN_NAME}{i}" for i in range(luns)]
 
 
-def start_lunseal(workdir: Path, size: int, luns: int = 1, tracking: bool = False) -> Server:
-    home = workdir / "lunseal"
+def start_lunseal(
+    workdir: Path,
+    size: int,
+    luns: int = 1,
+    tracking: bool = False,
+    *,
+    source: Path | None = None,
+    name: str = "lunseal",
+) -> Server:
+    home = workdir / name
     home.mkdir()
     cmd = [lunseal_binary(), "--home", str(home), "serve", "--nbd-port", "0"]
     cmd += ["--api-port", "0", "--no-demo", "--log-level", "warning"]
-    with (workdir / "lunseal.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-    wait_for(home / "daemon.json", proc, "lunseal")
+    with (workdir / f"{name}.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=lunseal_env(source))
+    wait_for(home / "daemon.json", proc, name)
     sock = json.loads((home / "daemon.json").read_text())["nbd_unix"]
     uris, paths = [], []
-    for name in lun_names(luns):
-        info = lunseal_cli(home, "lun", "create", name, str(size))
+    for lun in lun_names(luns):
+        info = lunseal_cli(home, "lun", "create", lun, str(size), source=source)
         if tracking:
             # What a backed-up array runs with: a hold that keeps a change map.
-            lunseal_cli(home, "state", "enable", name, "--hold", "bench", "--track-changes")
-        uris.append(f"nbd+unix:///{name}?socket={sock}")
+            enable = ["state", "enable", lun, "--hold", "bench", "--track-changes"]
+            lunseal_cli(home, *enable, source=source)
+        uris.append(f"nbd+unix:///{lun}?socket={sock}")
         paths.append(info["path"])
     info = {"home": str(home), "path": paths[0], "tracking": tracking}
-    return Server("lunseal", uris[0], proc, info, uris)
+    return Server(name, uris[0], proc, info, uris)
 
 
 def start_nbdkit(workdir: Path, size: int, threads: int | None, luns: int = 1) -> Server:
@@ -167,14 +188,25 @@ def lunseal_running(workdir: Path, size: int, tracking: bool = False) -> Iterato
 
 @contextmanager
 def servers(
-    workdir: Path, size: int, threads: int | None, luns: int = 1, tracking: bool = True
+    workdir: Path,
+    size: int,
+    threads: int | None,
+    luns: int = 1,
+    tracking: bool = True,
+    baseline: Path | None = None,
 ) -> Iterator[list[Server]]:
+    """lunseal, nbdkit and (with ``baseline``) lunseal from another source tree."""
     with ExitStack() as stack:
         lunseal = start_lunseal(workdir, size, luns, tracking)
         stack.callback(stop, lunseal)
         nbdkit = start_nbdkit(workdir, size, threads, luns)
         stack.callback(stop, nbdkit)
-        yield [lunseal, nbdkit]
+        started = [lunseal, nbdkit]
+        if baseline is not None:
+            base = start_lunseal(workdir, size, luns, tracking, source=baseline, name="base")
+            stack.callback(stop, base)
+            started.append(base)
+        yield started
 
 
 # -- fio -------------------------------------------------------------------------------
@@ -283,23 +315,29 @@ def summary(results: dict[str, dict[str, list[Sample]]]) -> list[dict[str, Any]]
     rows = []
     for workload, by_server in results.items():
         lun, kit = medians(by_server["lunseal"]), medians(by_server["nbdkit"])
-        rows.append(
-            {
-                "workload": workload,
-                "lunseal_iops": lun.iops,
-                "lunseal_mbps": lun.bw_bytes / 1e6,
-                "nbdkit_iops": kit.iops,
-                "nbdkit_mbps": kit.bw_bytes / 1e6,
-                "ratio": lun.iops / kit.iops if kit.iops else float("nan"),
-            }
-        )
+        row = {
+            "workload": workload,
+            "lunseal_iops": lun.iops,
+            "lunseal_mbps": lun.bw_bytes / 1e6,
+            "nbdkit_iops": kit.iops,
+            "nbdkit_mbps": kit.bw_bytes / 1e6,
+            "ratio": lun.iops / kit.iops if kit.iops else float("nan"),
+        }
+        if "base" in by_server:
+            base = medians(by_server["base"])
+            row["base_iops"] = base.iops
+            row["base_ratio"] = base.iops / kit.iops if kit.iops else float("nan")
+        rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = ("workload", "lunseal IOPS", "lunseal MB/s", "nbdkit IOPS", "nbdkit MB/s", "ratio")
+    head = ["workload", "lunseal IOPS", "lunseal MB/s", "nbdkit IOPS", "nbdkit MB/s", "ratio"]
+    baseline = bool(rows) and "base_iops" in rows[0]
+    if baseline:
+        head += ["baseline IOPS", "baseline ratio"]
     print("| " + " | ".join(head) + " |")
-    print("|" + "|".join(["---"] + ["---:"] * 5) + "|")
+    print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for r in rows:
         cells = [
             r["workload"],
@@ -309,6 +347,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['nbdkit_mbps']:,.0f}",
             f"{r['ratio']:.2f}",
         ]
+        if baseline:
+            cells += [f"{r['base_iops']:,.0f}", f"{r['base_ratio']:.2f}"]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -363,6 +403,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-tracking", action="store_true", help="no hold (tracking off) on lunseal's LUNs"
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also run lunseal imported from this source tree (its src/) as 'base'",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write results here")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temp directory")
     return p.parse_args(argv)
@@ -399,7 +445,9 @@ def benchmark(
 def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     workloads = selected(opts.workloads)
     tracking = not opts.no_tracking
-    with servers(workdir, opts.size, opts.nbdkit_threads, opts.luns, tracking) as pair:
+    with servers(
+        workdir, opts.size, opts.nbdkit_threads, opts.luns, tracking, opts.baseline
+    ) as pair:
         for server in pair:
             precondition(server, opts.size, workdir)
         os.sync()  # write back the fill now, not during the measurements

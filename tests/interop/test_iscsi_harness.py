@@ -3,6 +3,8 @@ against tgtd (the reference target lunseal is compared with)."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,18 @@ def test_tgt_baseline(tmp_path: Path) -> None:
     assert outcomes["SCSI.GetLBAStatus.BeyondEol"] == "failed"
     assert outcomes["SCSI.CompareAndWrite.Simple"] == "skipped"
     assert set(run.by_family()) == {"SCSI", "iSCSI"}
+
+
+@pytest.mark.interop
+def test_a_hanging_target_is_a_bounded_failure() -> None:
+    """A portal that accepts and never answers: the tool is killed at the timeout
+    and the run is an error, not a hang or a pass."""
+    require_tools("iscsi-test-cu")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"iscsi://127.0.0.1:{silent.getsockname()[1]}/iqn.2026-12.test.lunseal:x/0"
+        started = time.monotonic()
+        with pytest.raises(HarnessError, match="did not finish within 3"):
+            run_test_cu(url, ["SCSI.TestUnitReady"], timeout=3)
+    assert time.monotonic() - started < 60

@@ -263,7 +263,7 @@ def migrate(db: sqlite3.Connection, path: Path | str = "catalog") -> None:
                 f"catalog {path}: upgrade to schema {target} failed: {exc} (the catalog "
                 f"was left at schema {target - 1})"
             ) from exc
-        if target > 1:
+        if version:  # a new catalog is created, not upgraded
             log.info("catalog %s upgraded to schema %d", path, target)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from time import perf_counter
 from typing import Protocol, TypeVar
@@ -38,8 +39,18 @@ T = TypeVar("T")
 
 #: Called as ``listener(lun, offset, length)`` when a change is accepted.
 ChangeListener = Callable[["Lun", int, int], None]
-#: Called as ``hook(lun)`` once the backend has made a change (or failed to).
+#: Called as ``hook(lun)`` once the backend has made a change (or failed to, or
+#: a listener refused it).
 ChangeDone = Callable[["Lun"], None]
+
+
+class BatchHook(Protocol):
+    """Told when a batch of operations (:meth:`Lun.batch`) starts and ends, so it
+    can do once per batch what would otherwise cost something per change."""
+
+    def begin_batch(self) -> None: ...
+
+    def end_batch(self) -> None: ...
 
 
 L = TypeVar("L", bound=Backend)
@@ -158,6 +169,8 @@ class Lun:
     #: After each change the backend made: the state tracker notes the backing
     #: file's stamp, so a change by another process shows later.
     change_done: list[ChangeDone] = field(default_factory=list)
+    #: Told when a batch starts and ends (see :meth:`batch`).
+    batch_hooks: list[BatchHook] = field(default_factory=list)
     stats: LunStats = field(default_factory=LunStats)
     #: Why hosts may not write this LUN right now besides its read-only flag
     #: (e.g. it is the target of a synchronised mirror), by owner.
@@ -261,6 +274,21 @@ class Lun:
         for hook in self.change_done:
             hook(self)
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run several operations back to back as one batch (a front end's
+        receive).  Every change still passes the gate one by one; batch hooks
+        may do their bookkeeping once per batch (the state tracker takes the
+        backing file's stamp once, at the end)."""
+        hooks = self.batch_hooks
+        for hook in hooks:
+            hook.begin_batch()
+        try:
+            yield
+        finally:
+            for hook in reversed(hooks):
+                hook.end_batch()
+
     # -- data path ------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
@@ -299,23 +327,26 @@ class Lun:
     ) -> None:
         length = len(data)
         self._check_write(offset, length)
-        self._accept_change(offset, length)
-        self.stats.writes += 1
-        self.stats.bytes_written += length
-        start = perf_counter()
+        # _done also after a failure (the file may have changed partly) and after
+        # a listener refused the change (listeners before it saw it start).
         try:
+            self._accept_change(offset, length)
+            stats = self.stats
+            stats.writes += 1
+            stats.bytes_written += length
+            start = perf_counter()
             self._backend.write(offset, data)
         finally:
-            self._done()  # also after a failure: the file may have changed partly
+            self._done()
         self.stats.latency["write"].since(start)
         if fua:
             self._backend.flush()
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_write(offset, length)
-        self._accept_change(offset, length)
-        self.stats.trims += 1
         try:
+            self._accept_change(offset, length)
+            self.stats.trims += 1
             self._backend.trim(offset, length)
         finally:
             self._done()
@@ -334,9 +365,9 @@ class Lun:
         self._check_write(offset, length)
         # A fast zero the backend then refuses has still been accepted as a change:
         # reporting "changed" for data that did not change is the safe direction.
-        self._accept_change(offset, length)
-        self.stats.zeroes += 1
         try:
+            self._accept_change(offset, length)
+            self.stats.zeroes += 1
             self._backend.zero(offset, length, may_trim=may_trim, fast_only=fast_only)
         finally:
             self._done()
@@ -349,16 +380,16 @@ class Lun:
 
     def array_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
-        self._accept_change(offset, len(data))
         try:
+            self._accept_change(offset, len(data))
             self._backend.write(offset, data)
         finally:
             self._done()
 
     def array_zero(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
-        self._accept_change(offset, length)
         try:
+            self._accept_change(offset, length)
             self._backend.zero(offset, length, may_trim=True, fast_only=False)
         finally:
             self._done()
@@ -388,8 +419,8 @@ class Lun:
                 " (LUNs can only grow)"
             )
         old = self.record.size
-        self._accept_change(old, new_size - old)
         try:
+            self._accept_change(old, new_size - old)
             self._backend.resize(new_size)
         finally:
             self._done()

@@ -244,6 +244,48 @@ def test_write_payload_is_a_view_valid_until_the_next_feed() -> None:
     assert bytes(event.payload) == b"abc"
 
 
+def test_a_lent_payload_is_never_written_over_until_given_back() -> None:
+    """The worker writes a payload straight from the receive buffer: however much
+    the codec receives meanwhile (compacting, growing), a payload that is still
+    out keeps its bytes."""
+    conn = codec_in("transmission")
+    first = bytes(range(256)) * 192  # 48 KiB
+    conn.receive_data(request(1, 0, len(first), data=first))
+    kept = next_event(conn)
+    assert isinstance(kept, Request)
+    assert kept.payload is not None
+    assert kept.lease is not None
+    for i in range(200):  # ~10 MiB more: the buffer is compacted, then grown
+        size = 48 * 1024 if i < 150 else 300 * 1024
+        conn.receive_data(request(1, 0, size, data=bytes([i % 251]) * size))
+        event = next_event(conn)
+        assert isinstance(event, Request)
+        assert event.lease is not None
+        event.lease.give_back()
+    assert bytes(kept.payload) == first
+
+
+def test_receive_buffers_are_reused_once_their_payloads_are_back() -> None:
+    """A stream of writes whose payloads are given back alternates between two
+    buffers instead of allocating one per refill."""
+    conn = codec_in("transmission")
+    buffers: dict[int, object] = {}  # kept alive, so no id is reused
+    held: list[Request] = []
+    for i in range(3000):
+        conn.receive_data(request(1, 0, 4096, data=bytes([i % 251]) * 4096))
+        event = next_event(conn)
+        assert isinstance(event, Request)
+        assert event.payload is not None
+        buffers[id(event.payload.obj)] = event.payload.obj
+        held.append(event)
+        if len(held) > 8:  # a few batches in flight, as with a busy worker
+            done = held.pop(0)
+            assert done.lease is not None
+            done.lease.give_back()
+    assert len(buffers) <= 3
+    assert conn.capacity <= 1 * MiB
+
+
 def next_event(conn: ServerCodec) -> Event:
     event = conn.next_event()
     assert event is not None

@@ -184,6 +184,79 @@ def test_requests_run_on_the_luns_worker_thread(served: Served) -> None:
     assert seen == ["lun-a"]
 
 
+def test_a_write_payload_reaches_the_backend_without_a_copy(served: Served) -> None:
+    """The worker writes the payload from the connection's receive buffer (a
+    bytearray the codec lent), not from a copy made on the event loop."""
+    seen: list[object] = []
+    backend = backend_of(served.array.lun("a"))
+    real_write = backend.write
+
+    def write(offset: int, data: bytes | bytearray | memoryview) -> None:
+        seen.append(data.obj if isinstance(data, memoryview) else data)
+        real_write(offset, data)
+
+    backend.write = write  # type: ignore[method-assign]
+    with served.client("a") as client:
+        for i in range(4):
+            assert client.write(i * 64 * KiB, pattern(i, 64 * KiB)) == 0
+        for i in range(4):
+            assert client.read(i * 64 * KiB, 64 * KiB).data == pattern(i, 64 * KiB)
+    assert len(seen) == 4
+    assert all(isinstance(obj, bytearray) and len(obj) > 64 * KiB for obj in seen), [
+        type(obj) for obj in seen
+    ]
+
+
+class BatchCounter:
+    """A batch hook: counts the batches the LUN ran."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def begin_batch(self) -> None:
+        self.batches += 1
+
+    def end_batch(self) -> None:
+        pass
+
+
+def test_requests_received_while_the_worker_is_busy_join_its_next_job(served: Served) -> None:
+    """Receives that arrive while the worker has not started the connection's
+    last job are added to that job: the worker pays its per-batch costs (a
+    wake-up, two stamps, one reply hand-off) once for all of them, in order."""
+    lun = served.array.lun("a")
+    assert lun.worker is not None
+    counter = BatchCounter()
+    lun.batch_hooks.append(counter)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        assert release.wait(60)
+
+    size, count = 4 * KiB, 6
+    try:
+        with served.client("a") as client:
+            lun.worker.post(hold)
+            assert busy.wait(TIMEOUT)
+            (conn,) = served.server.connections
+            for i in range(count):  # one receive each: the server has parsed it before the next
+                client.send(client.pack_request(c.CMD_WRITE, i * size, payload=pattern(i, size))[1])
+                for _ in range(2000):
+                    if conn._inflight_bytes == (i + 1) * size:
+                        break
+                    threading.Event().wait(0.01)
+                assert conn._inflight_bytes == (i + 1) * size
+            release.set()
+            replies = [client.read_reply() for _ in range(count)]
+            assert all(r.error == 0 for r in replies)
+            assert counter.batches == 1  # one batch ran all six writes
+            for i in range(count):
+                assert client.read(i * size, size).data == pattern(i, size)
+    finally:
+        release.set()
+
+
 def test_deleting_a_lun_with_requests_queued_drops_their_replies(served: Served) -> None:
     """Delete revokes the connection, drains the worker, then closes the file:
     queued reads never touch a closed descriptor and their replies are dropped."""

@@ -167,24 +167,29 @@ def parse_token(token: str) -> tuple[str, str, str, int] | None:
 class StampWatch:
     """Knows the backing file's stamp after the array's own last change.
 
-    Before each of the array's own changes, and whenever asked, the stamp is
-    compared with the expected one: a difference means another process wrote
-    the file (C5 while running).  Cost: an ``fstat`` before and after each
-    change.  A write by another process within the same timestamp tick as one
-    of ours (the kernel stamps mtime/ctime with a coarse clock) leaves no
-    trace; see docs/state-tokens.md.
+    Before the array's own changes, and whenever asked, the stamp is compared
+    with the expected one: a difference means another process wrote the file
+    (C5 while running).  Cost: an ``fstat`` before a change and one after it;
+    in a batch (:meth:`lunseal.engine.lun.Lun.batch`) one before its first
+    change and one at its end.  A write by another process within the same
+    timestamp tick as one of ours (the kernel stamps mtime/ctime with a coarse
+    clock), or while a batch of our changes runs, leaves no trace; see
+    docs/state-tokens.md.
     """
 
     def __init__(self, lun: Lun) -> None:
         self.lun = lun
         self._expected = lun.backend.stamp()
         self._foreign: list[str] = []
+        #: An own change has started and its stamp is not taken yet (until the
+        #: change, or the batch it belongs to, is done): the file may differ
+        #: from the expected stamp by the array's own doing.
+        self.changing = False
 
     def stamp(self) -> FileStamp | None:
         return self.lun.backend.stamp()
 
-    def look(self) -> None:
-        """Before an own change: remember a foreign one, if any."""
+    def _compare(self) -> None:
         now = self.stamp()
         if now != self._expected and not self._foreign:
             if self._expected is None or now is None:
@@ -192,8 +197,26 @@ class StampWatch:
             else:
                 self._foreign = self._expected.differences(now)
 
-    def own_change_done(self, lun: Lun) -> None:
+    def before_change(self) -> None:
+        """Before an own change: remember a foreign one, if any.  Skipped while
+        an earlier own change of the batch is unstamped: the file then differs
+        from the expectation by the array's own doing."""
+        if not self.changing:
+            self._compare()
+            self.changing = True
+
+    def own_change_done(self) -> None:
         self._expected = self.stamp()
+        self.changing = False
+
+    def look(self) -> None:
+        """Compare now.  With an own change unstamped (asked during a change or
+        a batch), whatever the file shows is taken as the array's own doing; the
+        change is still under way, so it is stamped again once done."""
+        if self.changing:
+            self._expected = self.stamp()
+            return
+        self._compare()
 
     def foreign_changes(self) -> list[str]:
         """What changed behind the array's back (empty: nothing) until :meth:`accept`."""
@@ -255,10 +278,14 @@ class StateTracker:
         self._lock = threading.RLock()
         #: How often the token (epoch or value) moved, for metrics.
         self.token_changes = 0
+        #: Batches of the LUN running now (nested ones count): the stamp after
+        #: their changes is taken once, when the outermost one ends.
+        self._batches = 0
         self.watch: StampWatch | None = None
         if lun.backend.stamp() is not None:
             self.watch = StampWatch(lun)
             lun.change_done.append(self._own_change_done)
+            lun.batch_hooks.append(self)
         lun.listeners.insert(0, self.on_change)
 
     @property
@@ -277,30 +304,46 @@ class StateTracker:
         self.state = state
 
     # -- the write path -----------------------------------------------------------
+    # The per-change methods take the lock inline (a decorator's call frame
+    # costs more than the uncontended lock itself).
 
-    @_locked
+    def begin_batch(self) -> None:
+        with self._lock:
+            self._batches += 1
+
+    def end_batch(self) -> None:
+        with self._lock:
+            self._batches -= 1
+            watch = self.watch
+            if not self._batches and watch is not None and watch.changing:
+                watch.own_change_done()
+
     def _own_change_done(self, lun: Lun) -> None:
-        if self.watch is not None:
-            self.watch.own_change_done(lun)
+        with self._lock:
+            # In a batch the stamp waits for its end: one fstat per batch.  The
+            # count is only changed under the lock, so a write from another
+            # thread (a mirror's fan-out) that defers here is stamped by the end.
+            if self.watch is not None and not self._batches:
+                self.watch.own_change_done()
 
-    @_locked
     def on_change(self, lun: Lun, offset: int, length: int) -> None:
-        if self.watch is not None:
-            self.watch.look()
-        if self.state.clean:
-            self.verify()
-            # Durable before the change reaches the backend: a crash from here on
-            # is recovered with a new epoch.  The fresh random epoch makes this
-            # busy period's tokens unrepeatable by any other history (a rolled
-            # back or cloned data directory).  If the save fails, the change is
-            # refused (the caller sees EIO) and nothing is acknowledged.
-            self._commit(replace(self.state.next_epoch(WRITTEN), clean=False))
-        self._last_change = self._monotonic()
-        if self.holds:
-            self._advance()
-            for hold in self.holds.values():
-                if hold.changes is not None:
-                    hold.changes.mark(offset, length)
+        with self._lock:
+            if self.watch is not None:
+                self.watch.before_change()
+            if self.state.clean:
+                self.verify()
+                # Durable before the change reaches the backend: a crash from here
+                # on is recovered with a new epoch.  The fresh random epoch makes
+                # this busy period's tokens unrepeatable by any other history (a
+                # rolled back or cloned data directory).  If the save fails, the
+                # change is refused (the caller sees EIO), nothing is acknowledged.
+                self._commit(replace(self.state.next_epoch(WRITTEN), clean=False))
+            self._last_change = self._monotonic()
+            if self.holds:
+                self._advance()
+                for hold in self.holds.values():
+                    if hold.changes is not None:
+                        hold.changes.mark(offset, length)
 
     def _advance(self) -> None:
         mode = self.state.mode

@@ -277,7 +277,12 @@ class IscsiConnection(asyncio.BufferedProtocol):
         items = list(batch)
 
         def job() -> list[ScsiResult]:
-            return [_execute(target, w) for w in items]
+            if lun is None:
+                return [_execute(target, w) for w in items]
+            # One receive's commands as one batch: the tamper watch stamps the
+            # backing file once for all of them, as for NBD.
+            with lun.batch():
+                return [_execute(target, w) for w in items]
 
         self._on_worker(lun, job, lambda results: self._commands_done(items, results, cost))
 

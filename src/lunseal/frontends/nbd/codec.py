@@ -12,8 +12,12 @@ Phases::
                                    |                                  |
                                    +------ close() / DISC / ABORT ----+--> CLOSED
 
-A WRITE event's ``payload`` is a view into the receive buffer: it is valid only
-until the next call that feeds the codec.  Handle it (or copy it) first.
+A WRITE event's ``payload`` is a view into the receive buffer, lent together
+with the event's ``lease``: the codec never writes over a buffer while any of
+its payloads is out.  Call ``lease.give_back()`` once the payload is no longer
+needed (the NBD server does, once the LUN's worker has written it), so the
+buffer can be reused; a payload never given back only costs the codec a fresh
+buffer the next time it needs room.
 """
 
 from __future__ import annotations
@@ -61,6 +65,19 @@ class OptionRequest:
     oversize: bool = False
 
 
+class BufferLease:
+    """Counts the WRITE payloads lent out of one receive buffer and not given
+    back yet; while any is out, the codec does not write over that buffer."""
+
+    __slots__ = ("out",)
+
+    def __init__(self) -> None:
+        self.out = 0
+
+    def give_back(self) -> None:
+        self.out -= 1
+
+
 @dataclass(slots=True)
 class Request:
     flags: int
@@ -71,6 +88,8 @@ class Request:
     payload: memoryview | None = None
     #: A WRITE longer than the codec accepts: its payload is skipped, not buffered.
     oversize: bool = False
+    #: The lease of the buffer ``payload`` points into (see :class:`BufferLease`).
+    lease: BufferLease | None = None
 
 
 Event = ClientFlags | OptionRequest | Request
@@ -82,6 +101,10 @@ class ServerCodec:
         self.phase = HANDSHAKE
         self.options_seen = 0
         self._buf = bytearray(_INITIAL_BUFFER)
+        self._lease = BufferLease()
+        #: The previous buffer: reused once all its payloads are given back, so
+        #: a stream of writes alternates between two buffers instead of allocating.
+        self._spare: tuple[bytearray, BufferLease] | None = None
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._skip = 0  # payload bytes of an oversize WRITE or option still to discard
@@ -98,8 +121,10 @@ class ServerCodec:
         """Free space to receive into (``asyncio.BufferedProtocol.get_buffer``)."""
         need = max(sizehint, 64 << 10)
         if self._start == self._end and len(self._buf) > _SHRINK_ABOVE:
-            # Idle after a huge frame: give the memory back.
-            self._buf = bytearray(_INITIAL_BUFFER)
+            # Idle after a huge frame: give the memory back (lent payloads keep
+            # the old buffer alive until they are done with it).
+            self._buf, self._lease = bytearray(_INITIAL_BUFFER), BufferLease()
+            self._spare = None
             self._start = self._end = 0
         if len(self._buf) - self._end < need:
             self._compact(need)
@@ -121,18 +146,28 @@ class ServerCodec:
 
     def _compact(self, need: int) -> None:
         pending = self._end - self._start
-        size = len(self._buf)
         want = max(_INITIAL_BUFFER, pending + need)
         # Room for a few frames of this size, so compaction (a memmove of the
         # partial frame at the tail) happens once per few frames; the slack is
         # bounded and a buffer grown for a rare huge WRITE is given back.
         target = want + min(3 * need, _MAX_SLACK)
-        if want > size or size > max(target, _SHRINK_ABOVE):
-            new = bytearray(target)
+        limit = max(target, _SHRINK_ABOVE)
+        if want <= len(self._buf) <= limit and not self._lease.out:
+            if pending:
+                self._buf[:pending] = self._buf[self._start : self._end]
+        else:
+            # A new size, or payloads of this buffer are still out: move the
+            # unparsed bytes to another buffer rather than over theirs.
+            spare = self._spare
+            if spare is not None and not spare[1].out and want <= len(spare[0]) <= limit:
+                new, lease = spare
+            else:
+                size = len(self._buf) if want <= len(self._buf) <= limit else target
+                new, lease = bytearray(size), BufferLease()
             new[:pending] = self._buf[self._start : self._end]
-            self._buf = new
-        elif pending:
-            self._buf[:pending] = self._buf[self._start : self._end]
+            old = (self._buf, self._lease)
+            self._spare = old if want <= len(old[0]) <= limit else None
+            self._buf, self._lease = new, lease
         self._start, self._end = 0, pending
 
     def _discard_skipped(self) -> None:
@@ -140,7 +175,7 @@ class ServerCodec:
             n = min(self._skip, self._end - self._start)
             self._start += n
             self._skip -= n
-        if self._start == self._end:
+        if self._start == self._end and not self._lease.out:
             self._start = self._end = 0
 
     @property
@@ -249,7 +284,9 @@ class ServerCodec:
             return None
         self._start = end
         payload = memoryview(self._buf)[end - length : end]
-        return Request(flags, kind, cookie, offset, length, payload)
+        lease = self._lease
+        lease.out += 1
+        return Request(flags, kind, cookie, offset, length, payload, False, lease)
 
     # -- phase changes --------------------------------------------------------
 

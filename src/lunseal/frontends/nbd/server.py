@@ -8,10 +8,10 @@ runs them in order and hands the replies back with ONE
 ``call_soon_threadsafe``.  So a slow flush or disk on one LUN never holds up
 the loop, and with it every other LUN's hosts.
 
-WRITE payloads are copied out of the receive buffer before the hand-off (one
-memcpy, far cheaper than the pwrite it feeds): the codec reuses and compacts
-that buffer as soon as the loop asks it for room again, while the worker may
-not have run yet.
+WRITE payloads are not copied: the worker writes them straight from the
+codec's receive buffer.  Each payload comes with its buffer's lease, given back
+on the loop when the batch's replies return; until then the codec receives
+into another buffer rather than over it (see ``codec.BufferLease``).
 
 Ordering: a connection's batches queue on its LUN's single worker in the order
 they were parsed, and come back through the loop's FIFO in that order.  Every
@@ -34,6 +34,7 @@ import os
 import resource
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -104,6 +105,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         #: Set on revocation: replies still coming back are dropped, not sent.
         self._revoked = False
+        #: The requests of this connection's last job while the worker has not
+        #: started it: later requests join it rather than queue a job each.
+        self._waiting: list[Request] | None = None
+        self._waiting_lock = threading.Lock()
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -163,27 +168,42 @@ class NbdConnection(asyncio.BufferedProtocol):
         return buffered + self._pending_bytes
 
     def _backlogged(self) -> bool:
-        return self._write_paused or self.queued_bytes + self._inflight_bytes > REPLY_QUEUE_CAP
+        return self._room() <= 0
+
+    def _room(self) -> int:
+        """Reply bytes this connection may still take on before it stops reading."""
+        if self._write_paused:
+            return 0
+        return REPLY_QUEUE_CAP - self.queued_bytes - self._inflight_bytes
 
     def _process(self) -> None:
         out = self._out
         batch: list[Request] = []
+        next_event = self.codec.next_event
         try:
-            while not self._closing and not self._backlogged():
-                event = self.codec.next_event()
+            # A request adds at most its length; the exact room (a transport
+            # call) is measured again only once this estimate runs out.
+            room = self._room()
+            while room > 0 and not self._closing:
+                event = next_event()
                 if event is None:
                     break
                 if isinstance(event, Request):
                     self._request(event, batch)
+                    room -= event.length
                     if len(batch) >= MAX_BATCH:
                         self._dispatch(batch)
                         batch = []
                     if len(out) > 64:
                         self._send(out)  # replies read from the cache: keep them bounded
+                        room = 0
+                    if room <= 0:
+                        room = self._room()
                 else:
                     self._negotiate(event, out)
             self._dispatch(batch)
-            self._send(out)
+            if out:
+                self._send(out)
         except ProtocolError as exc:
             log.warning("NBD client %s: %s; closing the connection", self.peer, exc.message)
             self.close()
@@ -299,15 +319,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self.transmission.check(req, self._out):
             # An error reply queued now may overtake replies of earlier requests
             # still in flight; NBD replies are matched by cookie, not order.
+            if req.lease is not None:
+                req.lease.give_back()
             return
         if not batch and not self._inflight and self.transmission.read_cached(req, self._out):
             # Served from the page cache without waiting for a disk: no thread
             # hop.  Only with nothing of this connection queued before it, so a
             # read never overtakes this connection's own earlier writes.
             return
-        if req.payload is not None:
-            # The worker owns what it is handed: the codec reuses its buffer.
-            req.payload = memoryview(bytes(req.payload))
         self._inflight_bytes += req.length
         batch.append(req)
 
@@ -317,29 +336,48 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         assert self.transmission is not None
         assert self.lun is not None
-        transmission, cost = self.transmission, sum(req.length for req in batch)
-        reqs = list(batch)
+        transmission = self.transmission
         worker = self.lun.worker
-        self._inflight += 1
         if worker is None:
-            self._deliver(_execute(transmission, reqs), cost)
+            self._inflight += 1
+            reqs = list(batch)
+            self._deliver(_execute(transmission, reqs), _cost(reqs), reqs)
             return
-        loop, deliver = self._loop, self._deliver
+        with self._waiting_lock:
+            waiting = self._waiting
+            if waiting is not None and len(waiting) + len(batch) <= MAX_BATCH:
+                # The worker has not started this connection's last job yet: it
+                # takes these requests too (after its own, so in order), and
+                # the worker pays its per-batch costs once for both.
+                waiting.extend(batch)
+                return
+            reqs = self._waiting = list(batch)
+        self._inflight += 1
+        loop, deliver, lock = self._loop, self._deliver, self._waiting_lock
 
         def job() -> None:
+            with lock:  # from here on, later requests get a job of their own
+                if self._waiting is reqs:
+                    self._waiting = None
             replies = _execute(transmission, reqs)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
-                loop.call_soon_threadsafe(deliver, replies, cost)
+                loop.call_soon_threadsafe(deliver, replies, _cost(reqs), reqs)
 
         try:
             worker.post(job)
         except WorkerStopped as exc:
             # The LUN is being deleted or closed: its revocation closes us too.
             log.debug("NBD client %s: %s", self.peer, exc.message)
-            self._deliver([], cost)
+            with lock:
+                self._waiting = None
+            self._deliver([], _cost(reqs), reqs)
 
-    def _deliver(self, replies: Buffers, cost: int) -> None:
+    def _deliver(self, replies: Buffers, cost: int, reqs: list[Request]) -> None:
         """Back on the loop: queue a batch's replies and read on if there is room."""
+        for req in reqs:
+            if req.lease is not None:
+                # The worker is done with the payload: the codec may reuse its buffer.
+                req.lease.give_back()
         self._inflight -= 1
         self._inflight_bytes -= cost
         if self._revoked or self.transport is None or self.transport.is_closing():
@@ -422,11 +460,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.close()
 
 
+def _cost(reqs: list[Request]) -> int:
+    """What requests in flight count against the reply cap (see ``_inflight_bytes``)."""
+    return sum(req.length for req in reqs)
+
+
 def _execute(transmission: Transmission, reqs: list[Request]) -> Buffers:
     """Run a batch in order (on the LUN's worker); its replies, in order."""
     out: Buffers = []
-    for req in reqs:
-        transmission.execute(req, out)
+    transmission.execute_batch(reqs, out)
     return out
 
 

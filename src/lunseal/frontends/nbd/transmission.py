@@ -116,6 +116,12 @@ class Transmission:
         out.append(memoryview(data))
         return True
 
+    def execute_batch(self, reqs: list[Request], out: Buffers) -> None:
+        """Run checked requests in order as one batch of the LUN (on its worker)."""
+        with self.lun.batch():
+            for req in reqs:
+                self.execute(req, out)
+
     def execute(self, req: Request, out: Buffers) -> None:
         """Run a checked request against the LUN (on its worker) and append the reply."""
         try:
