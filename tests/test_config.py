@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import tomllib
 from pathlib import Path
 
 import pytest
+import typer
 
 from lunseal.config import ConfigError, dump, load
 from lunseal.host.cli.serve import serve
@@ -129,3 +131,20 @@ def test_serve_refuses_a_bad_file_before_creating_anything(tmp_path: Path) -> No
     result = lunseal("--home", str(home), "serve", "--config", str(path), timeout=60)
     assert "serve.nbd_port must be an integer" in one_line_error(result, 2)
     assert not home.exists()
+
+
+class Mode(enum.StrEnum):
+    OFF = "off"
+    REQUIRE = "require"
+
+
+def command(mode: Mode = typer.Option(Mode.OFF)) -> None:
+    """serve has no enum option yet (TLS modes will be one): a stand-in command."""
+
+
+def test_an_enum_option_takes_only_its_values(tmp_path: Path) -> None:
+    ok = load(write(tmp_path, "[serve]\nmode = 'require'\n"), command)
+    assert ok.serve["mode"] == "require"
+    assert load(write(tmp_path, "[serve]\n"), command).effective(command)["mode"] == "off"
+    with pytest.raises(ConfigError, match=r"serve\.mode must be one of off, require, not 'on'"):
+        load(write(tmp_path, "[serve]\nmode = 'on'\n"), command)

@@ -13,6 +13,7 @@ file and the key; a file is checked as a whole before anything of it is used.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import tomllib
 import types
@@ -196,6 +197,10 @@ def _check_scalar(where: str, spec: OptionSpec, value: Any) -> Any:
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"{where} must be {want}, not {_toml_type(value)}")
+    if issubclass(spec.kind, enum.Enum):  # e.g. tls = "off" | "allow" | "require"
+        choices = [str(member.value) for member in spec.kind]
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
     too_low = spec.low is not None and value < spec.low
     if too_low or (spec.high is not None and value > spec.high):
         raise ConfigError(f"{where} must be between {spec.low} and {spec.high}, not {value}")
@@ -224,6 +229,8 @@ def _plain(value: Any) -> Any:
     """A default as TOML/JSON can hold it."""
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     return value
