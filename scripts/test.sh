@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-DEBS="qemu-utils qemu-block-extra libnbd-bin nbdkit fio python3-venv libiscsi-bin tgt"
+DEBS="qemu-utils qemu-block-extra libnbd-bin nbdkit fio python3-venv libiscsi-bin tgt systemd"
 missing=""
 for pkg in $DEBS; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

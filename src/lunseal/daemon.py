@@ -18,10 +18,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 import uvloop
@@ -29,8 +30,9 @@ import uvloop
 from lunseal import __version__
 from lunseal.engine.array import CATALOG_FILE, Array
 from lunseal.engine.lun import run_on_lun
-from lunseal.errors import AddressInUse, InvalidArgument
+from lunseal.errors import AddressInUse, InvalidArgument, LunsealError
 from lunseal.frontends.api.app import DaemonContext, create_app
+from lunseal.frontends.api.metrics import Exposure, exposure_warnings
 from lunseal.frontends.iscsi.acl import CatalogAccess
 from lunseal.frontends.iscsi.server import IscsiServer, default_target_name
 from lunseal.frontends.nbd.server import (
@@ -76,6 +78,12 @@ class DaemonConfig:
     tls_verify_client: bool = False
     #: Serve the API over HTTPS with the same certificate.
     api_tls: bool = False
+    #: Directories under which LUNs may use files named by a user (``path=``).
+    allowed_backing_dirs: list[Path] = field(default_factory=list)
+    #: The configuration file serve read (re-read on SIGHUP), if any.
+    config_file: Path | None = None
+    #: serve options given on the command line: a reload leaves them alone (flags win).
+    from_command_line: frozenset[str] = frozenset()
 
 
 def server_tls(cfg: DaemonConfig) -> ServerTls | None:
@@ -133,6 +141,7 @@ async def _serve(cfg: DaemonConfig) -> int:
         token = home.load_or_create_token()
         fresh = not (home.root / CATALOG_FILE).exists()
         array = Array.open(home.root)
+        array.allowed_backing_dirs = tuple(d.resolve() for d in cfg.allowed_backing_dirs)
     except BaseException:
         nbd_sock.close()
         api_sock.close()
@@ -161,6 +170,8 @@ async def _run_servers(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = Reloader(cfg, array)
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
 
     nbd_sock, api_sock = sockets
     nbd = NbdServer(
@@ -180,6 +191,11 @@ async def _run_servers(
     ctx = DaemonContext(array=array, nbd=nbd, token=token)
     if iscsi is not None:
         ctx.iscsi_target, ctx.iscsi_portal = iscsi.target_name, iscsi.portal
+        ctx.iscsi_connections = partial(len, iscsi.connections)
+    ctx.exposures = partial(_exposures, cfg, array, nbd, iscsi, api_host)
+    ctx.reloads = lambda: {"ok": reloader.reloads, "failed": reloader.failures}
+    if tls is not None:
+        reloader.hooks.append(partial(_reload_tls, tls))
     scheme = "https" if cfg.api_tls else "http"
     ctx.api_url = f"{scheme}://{_url_host(api_host)}:{api_port}"
     api_config = uvicorn.Config(
@@ -211,6 +227,67 @@ async def _run_servers(
         await nbd.close()
         home.daemon_info.unlink(missing_ok=True)
     return 0
+
+
+class Reloader:
+    """SIGHUP: re-read the configuration file and apply what can change while
+    serving (log level, allowed backing directories, and whatever other parts
+    register in :attr:`hooks`, such as TLS certificates and ACL defaults).
+
+    A file that cannot be used changes nothing: one error is logged and the
+    old settings stay."""
+
+    def __init__(self, cfg: DaemonConfig, array: Array) -> None:
+        self.cfg = cfg
+        self.array = array
+        #: Called with the new serve settings (option name -> value, defaults
+        #: filled in); each returns what it reloaded, for the log line, or "".
+        self.hooks: list[Callable[[dict[str, Any]], str]] = []
+        self.reloads = 0
+        self.failures = 0
+
+    def reload(self) -> None:
+        if self.cfg.config_file is None and not self.hooks:
+            log.info("SIGHUP: no configuration file (--config) to reload; nothing changed")
+            return
+        try:
+            # Without a file the hooks still run (certificates are re-read).
+            done = self._apply(self._read() if self.cfg.config_file is not None else {})
+        except Exception as exc:
+            self.failures += 1
+            message = exc.message if isinstance(exc, LunsealError) else str(exc)
+            log.error("SIGHUP: configuration not reloaded, the old settings stay: %s", message)
+            return
+        self.reloads += 1
+        source = self.cfg.config_file or "the command line"
+        log.info("SIGHUP: reloaded %s from %s", ", ".join(done) or "nothing", source)
+
+    def _read(self) -> dict[str, Any]:
+        from lunseal.config import load
+        from lunseal.host.cli.serve import serve
+
+        assert self.cfg.config_file is not None
+        return load(self.cfg.config_file, serve).effective(serve)
+
+    def _apply(self, new: dict[str, Any]) -> list[str]:
+        # Flags given on the command line still win over the file.
+        new = {k: v for k, v in new.items() if k not in self.cfg.from_command_line}
+        level = logging.getLevelName(str(new.get("log_level", "")).upper())
+        if "log_level" in new and not isinstance(level, int):
+            raise InvalidArgument(f"serve.log_level: unknown log level {new['log_level']!r}")
+        done: list[str] = []
+        for hook in self.hooks:  # before anything is changed: a failing hook changes nothing
+            what = hook(new)
+            if what:
+                done.append(what)
+        if "log_level" in new:
+            logging.getLogger().setLevel(level)
+            done.insert(0, f"log level {new['log_level']}")
+        if "allowed_backing_dirs" in new:
+            dirs = (Path(d).expanduser().resolve() for d in new["allowed_backing_dirs"])
+            self.array.allowed_backing_dirs = tuple(dict.fromkeys(dirs))
+            done.append(f"allowed backing directories ({len(self.array.allowed_backing_dirs)})")
+        return done
 
 
 async def _start_iscsi(cfg: DaemonConfig, array: Array, sock: socket.socket) -> IscsiServer:
@@ -284,6 +361,27 @@ def open_nbd_warning(host: str, port: int, mode: TlsMode, *, verify_client: bool
         f"the NBD listener {_url_host(host)}:{port} listens beyond loopback and {why}: "
         "any host that reaches it can read and write every LUN "
         "(use --tls require --tls-verify-client)"
+    )
+
+
+def _reload_tls(tls: ServerTls, new: dict[str, Any]) -> str:
+    """SIGHUP: the certificate files are read again (new connections get them)."""
+    tls.reload()
+    return "TLS certificates"
+
+
+def _exposures(
+    cfg: DaemonConfig, array: Array, nbd: NbdServer, iscsi: IscsiServer | None, api_host: str
+) -> list[Exposure]:
+    tcp = nbd.tcp_address
+    address = iscsi.address if iscsi is not None else None
+    return exposure_warnings(
+        nbd=tcp[0] if tcp else None,
+        iscsi=address[0] if address else None,
+        iscsi_acl=array.catalog.iscsi_acl.configured,
+        api=api_host,
+        nbd_protected=cfg.tls == TlsMode.REQUIRE and cfg.tls_verify_client,
+        api_tls=cfg.api_tls,
     )
 
 

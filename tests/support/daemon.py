@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ LUNSEAL = str(Path(sys.executable).with_name("lunseal"))
 class Daemon:
     home: Path
     extra_args: list[str] = field(default_factory=list)
+    #: Let LUNs use files anywhere under the temp directory (tests create them there);
+    #: off to see the daemon's own default (only the data directory).
+    allow_tmp: bool = True
     proc: subprocess.Popen[bytes] | None = None
     info: dict[str, str] = field(default_factory=dict)
 
@@ -42,6 +46,7 @@ class Daemon:
                 "0",
                 "--log-level",
                 "debug",
+                *(["--allow-backing-dir", tempfile.gettempdir()] if self.allow_tmp else []),
                 *self.extra_args,
             ],
             stdout=log,

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from lunseal.engine.backends import identity as backing
 from lunseal.engine.backends.file import FileBackend
-from lunseal.engine.backends.identity import CATALOG_FILE, LUN_DIR, Holder, Identity, place
+from lunseal.engine.backends.identity import (
+    CATALOG_FILE,
+    LUN_DIR,
+    Holder,
+    Identity,
+    Placement,
+    place,
+)
 from lunseal.engine.catalog import Catalog
 from lunseal.engine.lun import (
     MAX_LUN_NUMBER,
@@ -75,6 +82,9 @@ class Array:
         # Mirrors only ever see available LUNs: one with an unavailable leg is dropped.
         self.mirrors = MirrorSet(catalog.mirrors, self.lun_by_uuid)
         self.array_id = catalog.get_meta("array_id") or ""
+        #: Where files named by a user (``path=``) may lie; ``None``: anywhere
+        #: outside data directories (library use).  The daemon always sets it.
+        self.allowed_backing_dirs: tuple[Path, ...] | None = None
         self.last_shutdown_clean = catalog.get_meta("clean_shutdown") != "0"
 
     @classmethod
@@ -351,7 +361,7 @@ class Array:
                 raise InvalidArgument("a size is required unless an existing file is given")
             target = self._own_file(lun_uuid)
             return self._open_checked(target, name, None, create_size=validate_size(size)), True
-        placement = place(path)
+        placement = self._place_allowed(path)
         if placement.identity is None:
             if size is None:
                 raise InvalidArgument(f"{path} does not exist; give a size to create it")
@@ -421,6 +431,24 @@ class Array:
             log.warning("LUN %s was unavailable; its file %s was left alone", name, lun.record.path)
         log.info("deleted LUN %s", name)
 
+    def _place_allowed(self, path: Path) -> Placement:
+        """:func:`place`, and the file's real directory lies under an allowed one.
+
+        Checked on the resolved directory, so ``..`` or a symlinked directory
+        cannot lead out of an allowed directory."""
+        placement = place(path)
+        allowed = self.allowed_backing_dirs
+        if allowed is not None and not any(
+            placement.path.parent.is_relative_to(d) for d in allowed
+        ):
+            where = ", ".join(str(d) for d in allowed) or "none configured"
+            raise InvalidArgument(
+                f"{path} is outside the allowed backing directories ({where}); an administrator "
+                "may allow its directory with allowed_backing_dirs in the configuration file "
+                "or --allow-backing-dir"
+            )
+        return placement
+
     def repoint_lun(self, name: str, path: Path) -> Lun:
         """Serve the LUN from another existing file of its size (data-changing, C1).
 
@@ -434,7 +462,7 @@ class Array:
             )
         if mirrors := self.mirrors.of_lun(lun):
             raise Conflict(f"LUN {name} belongs to mirror {mirrors[0].name}; delete it first")
-        placement = place(path)
+        placement = self._place_allowed(path)
         if placement.identity is None:
             raise InvalidArgument(
                 f"{path} does not exist; re-point a LUN at an existing file of {lun.size} bytes"

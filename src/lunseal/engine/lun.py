@@ -21,11 +21,13 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from time import perf_counter
 from typing import Protocol, TypeVar
 
 from lunseal.engine.backends.base import Backend, Extent, FileSlice, FileStamp
 from lunseal.engine.worker import LunWorker
 from lunseal.errors import InvalidArgument, LunUnavailable, NoSpace, OutOfRange, ReadOnly
+from lunseal.metrics import Latency, new_latencies
 
 NAME_MAX = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: "$" would accept "x\n"
@@ -153,6 +155,8 @@ class LunStats:
     trims: int = 0
     zeroes: int = 0
     flushes: int = 0
+    #: Time in the backend per operation, by "read", "write", "flush" (metrics).
+    latency: dict[str, Latency] = field(default_factory=new_latencies)
 
 
 @dataclass
@@ -291,14 +295,20 @@ class Lun:
         self.check_read_range(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        return self._backend.read(offset, length)
+        start = perf_counter()
+        data = self._backend.read(offset, length)
+        self.stats.latency["read"].since(start)
+        return data
 
     def read_slice(self, offset: int, length: int) -> bytes | FileSlice:
         """A read whose data the caller may send zero-copy (see :class:`FileSlice`)."""
         self.check_read_range(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        return self._backend.read_slice(offset, length)
+        start = perf_counter()
+        data = self._backend.read_slice(offset, length)
+        self.stats.latency["read"].since(start)
+        return data
 
     def read_cached(self, offset: int, length: int) -> bytearray | None:
         """A read that never waits for a disk: the data, or ``None`` (read it on
@@ -324,9 +334,11 @@ class Lun:
             stats = self.stats
             stats.writes += 1
             stats.bytes_written += length
+            start = perf_counter()
             self._backend.write(offset, data)
         finally:
             self._done()
+        self.stats.latency["write"].since(start)
         if fua:
             self._backend.flush()
 
@@ -384,7 +396,9 @@ class Lun:
 
     def flush(self) -> None:
         self.stats.flushes += 1
+        start = perf_counter()
         self._backend.flush()
+        self.stats.latency["flush"].since(start)
 
     def cache(self, offset: int, length: int) -> None:
         self.check_read_range(offset, length)

@@ -85,3 +85,5 @@ class ArrayStatus(BaseModel):
     connections: int
     nbd: NbdEndpoints
     api_url: str
+    #: Listeners reachable beyond loopback without protection, one sentence each.
+    warnings: list[str] = []

@@ -26,6 +26,7 @@ MON, OPS, ADM = "monitor", "operator", "admin"
 #: here (or here but gone) fails test_every_endpoint_is_in_the_table.
 NEEDS: dict[tuple[str, str], str] = {
     ("GET", "/v1/status"): MON,
+    ("GET", "/metrics"): MON,
     ("GET", "/v1/luns"): MON,
     ("POST", "/v1/luns"): ADM,
     ("GET", "/v1/luns/{name}"): MON,

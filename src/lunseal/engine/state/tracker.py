@@ -276,6 +276,8 @@ class StateTracker:
         self._monotonic = monotonic
         self._last_change = 0.0
         self._lock = threading.RLock()
+        #: How often the token (epoch or value) moved, for metrics.
+        self.token_changes = 0
         #: Batches of the LUN running now (nested ones count): the stamp after
         #: their changes is taken once, when the outermost one ends.
         self._batches = 0
@@ -297,6 +299,8 @@ class StateTracker:
     def _commit(self, state: LunState) -> None:
         """Save, then adopt: a catalog failure leaves the state as it was."""
         self.store.save_state(state)
+        if (state.epoch, state.value) != (self.state.epoch, self.state.value):
+            self.token_changes += 1
         self.state = state
 
     # -- the write path -----------------------------------------------------------
@@ -345,13 +349,16 @@ class StateTracker:
         mode = self.state.mode
         if mode == TrackingMode.COUNTER:
             self.state.value += 1
+            self.token_changes += 1
         elif mode == TrackingMode.TIMESTAMP:
             self.state.value = max(self._clock(), self.state.value + 1)
+            self.token_changes += 1
         else:
             self.state.flag = True
 
     def _transition(self, state: LunState) -> LunState:
         """Tracking turns on or off: the state changes whatever the mode (C4)."""
+        self.token_changes += 1  # counted here: the callers adopt it without _commit
         if state.mode == TrackingMode.TIMESTAMP:
             value = max(self._clock(), state.value + 1)
         else:

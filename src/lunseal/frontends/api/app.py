@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
 from lunseal.frontends.api.access_routes import install_access_routes
 from lunseal.frontends.api.auth import allow, install_auth, note_error
 from lunseal.frontends.api.iscsi_routes import install_iscsi_routes
+from lunseal.frontends.api.metrics import Exposure, Sources, render
 from lunseal.frontends.api.mirror_routes import install_mirror_routes
 from lunseal.frontends.api.state_routes import install_state_routes
 from lunseal.frontends.nbd.server import NbdServer
@@ -69,6 +71,12 @@ class DaemonContext:
     #: The iSCSI target's name and portal (HOST:PORT); None while iSCSI is off.
     iscsi_target: str | None = None
     iscsi_portal: str | None = None
+    #: Open iSCSI connections (metrics); None while iSCSI is off.
+    iscsi_connections: Callable[[], int] | None = None
+    #: Listeners open beyond loopback without protection (status, metrics).
+    exposures: Callable[[], list[Exposure]] = list
+    #: SIGHUP reloads by result (metrics).
+    reloads: Callable[[], dict[str, int]] = dict
 
 
 def create_app(ctx: DaemonContext) -> FastAPI:
@@ -87,7 +95,29 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     install_mirror_routes(app, ctx.array)
     install_iscsi_routes(app, ctx.array, lambda: (ctx.iscsi_target, ctx.iscsi_portal))
     install_access_routes(app, catalog.api_tokens, catalog.audit)
+    _install_metrics(app, ctx)
     return app
+
+
+def _install_metrics(app: FastAPI, ctx: DaemonContext) -> None:
+    def connections() -> dict[str, int]:
+        counts = {"nbd": len(ctx.nbd.connections)}
+        if ctx.iscsi_connections is not None:
+            counts["iscsi"] = ctx.iscsi_connections()
+        return counts
+
+    sources = Sources(ctx.array, connections, lambda: ctx.exposures(), lambda: ctx.reloads())
+
+    @app.get(
+        "/metrics",
+        dependencies=[allow(Role.MONITOR)],
+        tags=["array"],
+        response_class=Response,
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        body, content_type = render(sources)
+        return Response(body, media_type=content_type)
 
 
 def _error_response(exc: LunsealError) -> JSONResponse:
@@ -197,6 +227,7 @@ def _install_routes(app: FastAPI, ctx: DaemonContext) -> None:
                 unix=str(nbd.unix_path) if nbd.unix_path else None,
             ),
             api_url=ctx.api_url,
+            warnings=[item.message() for item in ctx.exposures()],
         )
 
     @app.get(

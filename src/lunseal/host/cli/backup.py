@@ -17,6 +17,7 @@ from lunseal.host.backup.common import Log
 from lunseal.host.backup.create import create_backup
 from lunseal.host.backup.restore import plan_restore, run_restore
 from lunseal.host.cli.common import client, console, options, progress_bar, table
+from lunseal.host.job_metrics import ENV_TEXTFILE, record_job, textfile
 from lunseal.host.secret_file import read_secret
 from lunseal.units import format_size
 
@@ -93,6 +94,14 @@ def open_repo(
     return Repository.open_local(chosen, create=create, unlock=unlock)
 
 
+METRICS_OPTION = typer.Option(
+    None,
+    "--metrics-textfile",
+    help="record the run's duration and result in this Prometheus textfile "
+    f"(node_exporter's textfile collector) [env {ENV_TEXTFILE}]",
+)
+
+
 def _say(ctx: typer.Context) -> Log:
     """Steps go to stderr with --json (stdout is for the JSON), else stdout."""
     if options(ctx).json:
@@ -113,10 +122,15 @@ def create(
     target_access: str = typer.Option("ro", "--target-access", help="hosts' access to the copy"),
     passphrase_file: Path | None = PASSPHRASE_FILE_OPTION,
     key_file: Path | None = KEY_FILE_OPTION,
+    metrics_textfile: Path | None = METRICS_OPTION,
 ) -> None:
     """Resync, split and archive a disk copy of SOURCE; incremental when it can be."""
     log = _say(ctx)
-    with client(ctx) as api, progress_bar(ctx, log) as progress:
+    with (
+        record_job("backup", source, textfile(metrics_textfile)),
+        client(ctx) as api,
+        progress_bar(ctx, log) as progress,
+    ):
         result = create_backup(
             api,
             open_repo(archive, create=True, passphrase_file=passphrase_file, key_file=key_file),
@@ -389,6 +403,7 @@ def restore(
     archive: Path | None = ARCHIVE_OPTION,
     passphrase_file: Path | None = PASSPHRASE_FILE_OPTION,
     key_file: Path | None = KEY_FILE_OPTION,
+    metrics_textfile: Path | None = METRICS_OPTION,
 ) -> None:
     """Restore a backup: from the mirror if its token is unchanged, else the archive.
     The mirror's chunks are checked against the backup first, the result after."""
@@ -396,7 +411,8 @@ def restore(
         raise InvalidArgument("--from takes archive or mirror")
     log = _say(ctx)
     repo = open_repo(archive, passphrase_file=passphrase_file, key_file=key_file)
-    with client(ctx) as api:
+    path = None if dry_run else textfile(metrics_textfile)
+    with record_job("restore", to or "unknown", path) as run, client(ctx) as api:
         plan = plan_restore(
             api,
             repo,
@@ -407,6 +423,7 @@ def restore(
             force=force,
             verify_mirror=verify_mirror,
         )
+        run.lun = plan.dest
         if dry_run:
             log(plan.describe())
         else:

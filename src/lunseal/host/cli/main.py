@@ -15,7 +15,19 @@ import typer
 
 from lunseal import __version__
 from lunseal.errors import InvalidArgument, LunsealError
-from lunseal.host.cli import audit, backup, demo, iscsi, lun, mirror, serve, state, status, token
+from lunseal.host.cli import (
+    audit,
+    backup,
+    config,
+    demo,
+    iscsi,
+    lun,
+    mirror,
+    serve,
+    state,
+    status,
+    token,
+)
 
 app = typer.Typer(
     name="lunseal",
@@ -93,6 +105,7 @@ app.add_typer(backup.archive_app, name="archive")
 app.add_typer(iscsi.app, name="iscsi")
 app.add_typer(token.app, name="token")
 app.command("audit")(audit.audit)
+app.add_typer(config.app, name="config")
 app.command("restore")(backup.restore)
 app.command("demo")(demo.demo)
 

@@ -7,14 +7,33 @@ import re
 from pathlib import Path
 
 import typer
+from typer._click.core import ParameterSource
 
 from lunseal.home import resolve_home
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Eager: the file's values become serve's defaults before any other option is read."""
+    if value is not None:
+        from lunseal.config import load
+
+        settings = load(value, serve)
+        ctx.default_map = {**(ctx.default_map or {}), **settings.serve}
+        ctx.meta["lunseal.config"] = settings
+    return value
+
+
 def serve(
     ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        is_eager=True,
+        callback=_load_config,
+        help="TOML file whose [serve] keys set these options (flags win); see lunseal config",
+    ),
     nbd_listen: str = typer.Option("127.0.0.1", help="address of the NBD TCP listener"),
     nbd_port: int = typer.Option(10809, min=0, max=65535, help="NBD TCP port (0 picks a free one)"),
     unix_socket: bool = typer.Option(True, help="also serve NBD on HOME/nbd.sock"),
@@ -60,6 +79,12 @@ def serve(
         help="seconds without writes after which a LUN's state is recorded as clean "
         "(a crash before that gives the LUN a new state epoch)",
     ),
+    allowed_backing_dirs: list[Path] = typer.Option(
+        [],
+        "--allow-backing-dir",
+        help="directory under which LUNs may use existing or new files (path=); repeatable. "
+        "Without one, backing files live only in the data directory",
+    ),
 ) -> None:
     """Run the array: serve LUNs over NBD, iSCSI and the management API until SIGTERM.
 
@@ -87,7 +112,10 @@ def serve(
             param_hint="--iscsi-target-name",
         )
     configure_logging(log_level, log_file)
-    home = resolve_home(ctx.obj.home if ctx.obj else None)
+    settings = ctx.meta.get("lunseal.config")
+    home = resolve_home(
+        (ctx.obj.home if ctx.obj else None) or (settings.home if settings is not None else None)
+    )
     code = run(
         DaemonConfig(
             home=home,
@@ -110,6 +138,13 @@ def serve(
             tls_ca=tls_ca,
             tls_verify_client=tls_verify_client,
             api_tls=api_tls,
+            allowed_backing_dirs=[d.expanduser().absolute() for d in allowed_backing_dirs],
+            config_file=config.absolute() if config is not None else None,
+            from_command_line=frozenset(
+                name
+                for name in ctx.params
+                if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+            ),
         )
     )
     raise typer.Exit(code)

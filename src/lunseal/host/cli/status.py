@@ -25,6 +25,7 @@ def status(ctx: typer.Context) -> None:
             ("NBD tcp", st.nbd.tcp or "-"),
             ("NBD unix", st.nbd.unix or "-"),
             ("API", st.api_url),
+            *(("WARNING", warning) for warning in st.warnings),
         ]
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
