@@ -152,7 +152,9 @@ def test_a_listener_beyond_loopback_is_a_warning_everywhere(tmp_path: Path) -> N
         assert "0.0.0.0" in human.stdout
         machine = json.loads(daemon.cli("status", "--json").stdout)
         assert machine["warnings"] == warnings
-        assert "NBD listens on 0.0.0.0 beyond loopback" in daemon.log()
+        log = daemon.log()
+        assert "the NBD listener 0.0.0.0:" in log
+        assert "listens beyond loopback and TLS is off" in log
     finally:
         assert daemon.stop() == 0
 

@@ -73,12 +73,14 @@ def test_api_is_https_and_the_cli_verifies_it(tls_daemon: Daemon, pki: Pki) -> N
     listed = lunseal("--home", str(tls_daemon.home), "lun", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert '"disk"' in listed.stdout
-    remote = ["--url", tls_daemon.api_url, "--token", tls_daemon.token, "lun", "list"]
+    remote = ["--url", tls_daemon.api_url, "lun", "list"]
+    token = {"LUNSEAL_TOKEN": tls_daemon.token}
     # A remote CLI with no CA cannot verify the server and sends nothing.
-    refused = lunseal(*remote)
+    refused = lunseal(*remote, env=token)
     assert "certificate verify failed" in one_line_error(refused, 5)
-    assert lunseal("--ca-file", str(pki.ca_file), *remote).returncode == 0
-    assert lunseal(*remote, env={"LUNSEAL_CA_FILE": str(pki.ca_file)}).returncode == 0
+    assert lunseal("--ca-file", str(pki.ca_file), *remote, env=token).returncode == 0
+    with_ca = {**token, "LUNSEAL_CA_FILE": str(pki.ca_file)}
+    assert lunseal(*remote, env=with_ca).returncode == 0
 
 
 def test_plain_http_to_the_https_api_gets_nothing(tls_daemon: Daemon) -> None:
