@@ -3,6 +3,9 @@ against a daemon that requires TLS and verifies client certificates."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +166,37 @@ def test_wrong_ca_is_refused_both_ways(tls_daemon: Daemon, pki: Pki, tmp_path: P
     # The server refused the stranger's certificate itself (the distrusting
     # client just hangs up on ours).
     wait_for_log(tls_daemon, "certificate verify failed")
+
+
+def test_fio_nbd_engine_over_tls(tls_daemon: Daemon, pki: Pki) -> None:
+    """fio's nbd engine (libnbd) writes and verifies the whole LUN over nbds://.
+
+    fio may not name a certificate directory in its URI (libnbd refuses local
+    file access there), so it runs as an unprivileged user whose home holds the
+    certificates where libnbd looks by default (``~/.pki/libnbd``); as root it
+    would read ``/etc/pki/libnbd``, which a test must not touch."""
+    require_tools("fio", "setpriv")
+    home = Path(tempfile.mkdtemp(prefix="lunseal-fio-"))
+    try:
+        certs = home / ".pki" / "libnbd"
+        certs.parent.mkdir()
+        shutil.copytree(pki.client_dir("fio"), certs)
+        for path in (home, *home.rglob("*")):
+            path.chmod(0o777 if path.is_dir() else 0o644)
+        result = home / "fio.json"
+        run(
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "env", f"HOME={home}",
+            "fio", "--name=tls", "--ioengine=nbd", f"--uri=nbds://{tls_daemon.tcp}/disk",
+            "--rw=randwrite", "--bs=4k", "--iodepth=8", f"--size={SIZE}",
+            "--verify=crc32c", "--do_verify=1",
+            "--output-format=json", f"--output={result}",
+            cwd=home,
+            timeout=120,
+        )  # fmt: skip
+        [job] = json.loads(result.read_text())["jobs"]
+    finally:
+        shutil.rmtree(home)
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == SIZE
+    assert job["read"]["io_bytes"] == SIZE  # the verify pass read it all back
