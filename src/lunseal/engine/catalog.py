@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lunseal.engine.iscsi_acl import IscsiAclStore
+from lunseal.engine.nbd_access import NbdAccessStore
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror.store import SqliteMirrorStore
 from lunseal.engine.pr_store import SqlitePrStore
@@ -287,6 +288,7 @@ class Catalog:
             self.mirrors = SqliteMirrorStore(self._db)
             self.reservations = SqlitePrStore(self._db)
             self.iscsi_acl = IscsiAclStore(self._db)
+            self.nbd_access = NbdAccessStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
             raise

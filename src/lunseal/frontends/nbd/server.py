@@ -36,6 +36,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -45,6 +46,7 @@ from lunseal.engine.lun import Lun
 from lunseal.engine.worker import WorkerStopped
 from lunseal.errors import ProtocolError
 from lunseal.frontends.nbd import constants as c
+from lunseal.frontends.nbd.access import Access, Peer, access_for, peer_of
 from lunseal.frontends.nbd.codec import ClientFlags, OptionRequest, Request, ServerCodec
 from lunseal.frontends.nbd.negotiation import Negotiator
 from lunseal.frontends.nbd.transmission import ZERO_COPY_MIN, Buffers, Transmission
@@ -79,7 +81,15 @@ class NbdConnection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.codec = ServerCodec()
-        self.negotiator = Negotiator(resolve=server.resolve, list_exports=server.array.luns)
+        self.negotiator = Negotiator(
+            resolve=server.resolve, list_exports=server.array.luns, access=self.access_to
+        )
+        #: TLS certificate identities of the client (subject CN, SANs), once
+        #: it has proven them; the export ACL matches ``cert:`` entries on these.
+        self.client_identities: list[str] = []
+        self._peer = Peer()
+        #: What the export ACL granted when transmission started.
+        self.granted: Access | None = None
         self.transmission: Transmission | None = None
         self.lun: Lun | None = None
         self.transport: asyncio.Transport | None = None
@@ -114,6 +124,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         self._sock_fd = sock.fileno() if sock is not None else -1
         self.peer = _peer_name(transport.get_extra_info("peername"), sock)
+        self._peer = peer_of(sock, transport.get_extra_info("peername"), ())
         self.server.connections.add(self)
         timeout = self.server.handshake_timeout
         if timeout is not None:
@@ -365,9 +376,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         if outcome.close:
             self.close()
         elif outcome.lun is not None:
-            self._start_transmission(outcome.lun)
+            self._start_transmission(outcome.lun, outcome.read_only)
 
-    def _start_transmission(self, lun: Lun) -> None:
+    def access_to(self, lun: Lun) -> Access:
+        """What the export ACL lets this client do with ``lun`` now."""
+        peer = Peer(self._peer.address, self._peer.uid, tuple(self.client_identities))
+        return access_for(self.server.array.catalog.nbd_access, lun, peer)
+
+    def _start_transmission(self, lun: Lun, read_only: bool = False) -> None:
         self.codec.start_transmission()
         self._cancel_handshake_timer()
         self.lun = lun
@@ -376,7 +392,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             lun,
             structured=self.negotiator.structured,
             base_allocation=self.negotiator.base_allocation,
+            read_only=read_only,
         )
+        self.granted = Access.READ_ONLY if read_only else Access.READ_WRITE
         log.info("NBD client %s attached to LUN %s", self.peer, lun.name)
 
     def _handshake_expired(self) -> None:
@@ -506,9 +524,21 @@ class NbdServer:
         self._fd_log = _Throttled()
         self.tcp_address: tuple[str, int] | None = None
         self.unix_path: Path | None = None
+        self._acl_hook: Callable[[str], None] | None = None
 
     def resolve(self, name: str) -> Lun | None:
         return self.array.default_lun() if name == "" else self.array.find(name)
+
+    def access_changed(self) -> None:
+        """After an export ACL change: end every connection in transmission whose
+        access differs now (one that lost it, or moved between ro and rw).  Ones
+        still negotiating are checked at each option anyway."""
+        for conn in list(self.connections):
+            if conn.lun is None or conn.granted is None:
+                continue
+            now = conn.access_to(conn.lun)
+            if now is not conn.granted:
+                conn.revoke(f"its NBD access to LUN {conn.lun.name} changed to {now.value}")
 
     def _factory(self) -> NbdConnection:
         return NbdConnection(self)
@@ -556,6 +586,26 @@ class NbdServer:
         loop.add_reader(sock.fileno(), self._accept, sock)
         if self._fd_watch is None:
             self._fd_watch = loop.create_task(self._watch_descriptors())
+        if self._acl_hook is None:
+            self._acl_hook = self._on_acl_change_from(loop)
+            self.array.catalog.nbd_access.on_change.append(self._acl_hook)
+
+    def _on_acl_change_from(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        def changed(_lun_uuid: str) -> None:
+            # Every connection is checked, not only the LUN's users: cheap, and
+            # the same path serves any later change that spans LUNs.  On the
+            # loop (the API's routes) at once, so the change holds when the
+            # call returns.
+            try:
+                here = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                here = False
+            if here:
+                self.access_changed()
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(self.access_changed)
+
+        return changed
 
     async def _watch_descriptors(self) -> None:
         """Say so when the process runs out of descriptors.
@@ -669,6 +719,10 @@ class NbdServer:
             loop.remove_reader(sock.fileno())
             sock.close()
         self._listeners.clear()
+        if self._acl_hook is not None:
+            with contextlib.suppress(ValueError):
+                self.array.catalog.nbd_access.on_change.remove(self._acl_hook)
+            self._acl_hook = None
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, let every connection send its queued replies, close."""
