@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lunseal.engine.iscsi_acl import IscsiAclStore
-from lunseal.engine.nbd_access import NbdAccessStore
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror.store import SqliteMirrorStore
+from lunseal.engine.nbd_access import NbdAccessStore
 from lunseal.engine.pr_store import SqlitePrStore
 from lunseal.engine.sqlite_guard import LockedConnection, guarded, transaction
 from lunseal.engine.state.store import SqliteStateStore

@@ -49,9 +49,8 @@ class Peer:
 def _in(address: IpAddress, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     # An IPv4 client on a dual-stack listener shows as ::ffff:a.b.c.d: an IPv4
     # range must still cover it.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        if isinstance(network, ipaddress.IPv4Network):
-            return address.ipv4_mapped in network
+    if isinstance(address, ipaddress.IPv6Address) and isinstance(network, ipaddress.IPv4Network):
+        return address.ipv4_mapped is not None and address.ipv4_mapped in network
     return address.version == network.version and address in network
 
 
