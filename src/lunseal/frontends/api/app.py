@@ -31,6 +31,7 @@ from lunseal.engine.sqlite_guard import catalog_error
 from lunseal.errors import InvalidArgument, LunsealError, NotFound, Unauthorized
 from lunseal.frontends.api.iscsi_routes import install_iscsi_routes
 from lunseal.frontends.api.mirror_routes import install_mirror_routes
+from lunseal.frontends.api.nbd_access_routes import install_nbd_access_routes
 from lunseal.frontends.api.state_routes import install_state_routes
 from lunseal.frontends.nbd.server import NbdServer
 from lunseal.schema.luns import (
@@ -83,6 +84,7 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     install_state_routes(app, ctx.array)
     install_mirror_routes(app, ctx.array)
     install_iscsi_routes(app, ctx.array, lambda: (ctx.iscsi_target, ctx.iscsi_portal))
+    install_nbd_access_routes(app, ctx.array)
     return app
 
 

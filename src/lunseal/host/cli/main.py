@@ -15,7 +15,7 @@ import typer
 
 from lunseal import __version__
 from lunseal.errors import InvalidArgument, LunsealError
-from lunseal.host.cli import backup, demo, iscsi, lun, mirror, serve, state, status
+from lunseal.host.cli import backup, demo, iscsi, lun, mirror, nbd, serve, state, status
 
 app = typer.Typer(
     name="lunseal",
@@ -70,6 +70,7 @@ app.add_typer(mirror.app, name="mirror")
 app.add_typer(backup.app, name="backup")
 app.add_typer(backup.archive_app, name="archive")
 app.add_typer(iscsi.app, name="iscsi")
+app.add_typer(nbd.app, name="nbd")
 app.command("restore")(backup.restore)
 app.command("demo")(demo.demo)
 
