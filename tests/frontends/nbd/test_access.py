@@ -24,7 +24,7 @@ from lunseal.frontends.nbd import constants as c
 from lunseal.frontends.nbd.access import Peer
 from lunseal.frontends.nbd.server import NbdServer
 from tests.frontends.nbd.test_server import on_loop
-from tests.support.nbdclient import NbdClient, OptionFailed, info_request
+from tests.support.nbdclient import NbdClient, OptionFailed, info_request, meta_context_request
 
 MiB = 1 << 20
 EPERM = 1
@@ -108,6 +108,15 @@ def test_an_address_outside_the_range_sees_neither_name_nor_size(served: Served)
             assert reply.type == missing.type == c.REP_ERR_UNKNOWN
             assert reply.text == "no export named 'disk'"
         assert denied.go("other").size == 2 * MiB  # other LUNs stay open
+
+
+def test_meta_contexts_of_a_denied_export_are_unknown(served: Served) -> None:
+    served.allow("disk", "net:127.0.0.1")
+    with tcp_from(served, "127.0.0.2") as denied:
+        denied.structured_reply()
+        for option in (c.OPT_LIST_META_CONTEXT, c.OPT_SET_META_CONTEXT):
+            [reply] = denied.option(option, meta_context_request("disk", ("base:allocation",)))
+            assert reply.type == c.REP_ERR_UNKNOWN
 
 
 def test_export_name_from_a_denied_address_hangs_up(served: Served) -> None:
