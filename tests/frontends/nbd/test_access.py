@@ -36,6 +36,7 @@ class Served:
     server: NbdServer
     tcp: tuple[str, int]
     unix: str
+    loop: uvloop.Loop
 
     def uuid(self, name: str) -> str:
         return self.array.find(name).record.uuid  # type: ignore[union-attr]
@@ -57,7 +58,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     try:
         tcp = on_loop(loop, server.listen_tcp("127.0.0.1", 0))
         unix = on_loop(loop, server.listen_unix(sock_dir / "nbd.sock"))
-        yield Served(array, server, tcp, str(unix))
+        yield Served(array, server, tcp, str(unix), loop)
     finally:
         on_loop(loop, server.close())
         loop.call_soon_threadsafe(loop.stop)
@@ -249,3 +250,15 @@ def test_matching_rules() -> None:
     assert tls.matches(parse_client("cert:host1.example"))
     assert not tls.matches(parse_client("cert:host2"))
     assert not Peer().matches(parse_client("uid:0"))
+
+
+def test_ipv6_ranges_on_an_ipv6_listener(served: Served) -> None:
+    host, port = on_loop(served.loop, served.server.listen_tcp("::1", 0))
+    served.allow("disk", "net:fd00::/8")
+    with NbdClient(socket.create_connection((host, port), timeout=30)) as denied:
+        denied.handshake()
+        assert listed(denied) == ["other"]
+    served.allow("disk", "net:::1/128", "ro")
+    with NbdClient(socket.create_connection((host, port), timeout=30)) as allowed:
+        allowed.handshake()
+        assert allowed.go("disk").flags & c.TF_READ_ONLY
