@@ -246,9 +246,16 @@ def test_matching_rules() -> None:
     v6 = Peer(address=ipaddress.ip_address("fd00::5"))
     assert v6.matches(parse_client("net:fd00::/64"))
     assert not v6.matches(parse_client("net:0.0.0.0/0"))
-    tls = Peer(address=ipaddress.ip_address("10.0.0.1"), identities=("host1", "host1.example"))
-    assert tls.matches(parse_client("cert:host1.example"))
-    assert not tls.matches(parse_client("cert:host2"))
+    # As the TLS layer reports a verified certificate's subject CN and SANs.
+    tls = Peer(
+        address=ipaddress.ip_address("10.0.0.1"),
+        identities=("cert:CN=host1", "san:DNS:host1.example", "san:IP:10.0.0.1"),
+    )
+    for name in ("host1", "CN=host1", "host1.example", "DNS:host1.example", "10.0.0.1"):
+        assert tls.matches(parse_client(f"cert:{name}")), name
+    for name in ("host2", "CN=host1.example", "DNS:host1", "example", "host"):
+        assert not tls.matches(parse_client(f"cert:{name}")), name
+    assert not Peer(address=ipaddress.ip_address("10.0.0.1")).matches(parse_client("cert:host1"))
     assert not Peer().matches(parse_client("uid:0"))
 
 

@@ -40,10 +40,25 @@ class Peer:
 
     def matches(self, spec: ClientSpec) -> bool:
         if spec.cert is not None:
-            return spec.cert in self.identities
+            return any(spec.cert in _names(identity) for identity in self.identities)
         if spec.network is not None:
             return self.address is not None and _in(self.address, spec.network)
         return self.uid is not None and self.uid == spec.uid
+
+
+def _names(identity: str) -> tuple[str, ...]:
+    """The names a ``cert:`` entry may use for one TLS identity.
+
+    The TLS layer reports ``cert:CN=host1`` for the subject CN and
+    ``san:DNS:host1.example`` (``IP``, ``URI``, ``email``) for alternative
+    names: an entry may give the bare value (``cert:host1``) or the typed form
+    (``cert:CN=host1``, ``cert:DNS:host1.example``)."""
+    kind, _, rest = identity.partition(":")
+    if kind == "cert" and rest.startswith("CN="):
+        return identity, rest, rest[3:]
+    if kind == "san" and ":" in rest:
+        return identity, rest, rest.partition(":")[2]
+    return (identity,)
 
 
 def _in(address: IpAddress, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
