@@ -23,6 +23,7 @@ from lunseal.engine.access import ApiTokenStore, AuditStore
 from lunseal.engine.iscsi_acl import IscsiAclStore
 from lunseal.engine.lun import LunRecord
 from lunseal.engine.mirror.store import SqliteMirrorStore
+from lunseal.engine.nbd_access import NbdAccessStore
 from lunseal.engine.pr_store import SqlitePrStore
 from lunseal.engine.sqlite_guard import LockedConnection, guarded, transaction
 from lunseal.engine.state.store import SqliteStateStore
@@ -290,6 +291,7 @@ class Catalog:
             self.iscsi_acl = IscsiAclStore(self._db)
             self.api_tokens = ApiTokenStore(self._db)
             self.audit = AuditStore(self._db)
+            self.nbd_access = NbdAccessStore(self._db)
         except BaseException:
             self._db.close()  # e.g. a newer schema: do not leave the database open
             raise

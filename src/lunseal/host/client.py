@@ -28,6 +28,7 @@ from lunseal.schema.mirrors import (
     MirrorRestore,
     MirrorSplit,
 )
+from lunseal.schema.nbd_access import NbdAccessEntry, NbdAccessInfo
 from lunseal.schema.state import (
     ChangesInfo,
     CheckOutcome,
@@ -291,6 +292,22 @@ class ArrayClient:
         params = {"since": repr(since), "limit": str(limit)}
         response = self._call("GET", "/v1/audit", params=params)
         return [AuditEntry.model_validate(e) for e in response.json()]
+
+    # -- NBD export ACL ------------------------------------------------------------------
+
+    def nbd_access(self, lun: str) -> NbdAccessInfo:
+        return self._get(NbdAccessInfo, f"/v1/luns/{_quote(lun)}/nbd-access")
+
+    def allow_nbd(self, lun: str, client: str, access: str) -> NbdAccessInfo:
+        body = NbdAccessEntry.model_validate({"client": client, "access": access})
+        response = self._call("POST", f"/v1/luns/{_quote(lun)}/nbd-access", json=body.model_dump())
+        return NbdAccessInfo.model_validate(response.json())
+
+    def deny_nbd(self, lun: str, client: str | None) -> NbdAccessInfo:
+        """Remove one entry, or with ``client`` None every entry."""
+        params = {} if client is None else {"client": client}
+        response = self._call("DELETE", f"/v1/luns/{_quote(lun)}/nbd-access", params=params)
+        return NbdAccessInfo.model_validate(response.json())
 
 
 def _quote(name: str) -> str:

@@ -61,6 +61,9 @@ NEEDS: dict[tuple[str, str], str] = {
     ("POST", "/v1/tokens"): ADM,
     ("DELETE", "/v1/tokens/{name}"): ADM,
     ("GET", "/v1/audit"): MON,
+    ("GET", "/v1/luns/{lun}/nbd-access"): MON,
+    ("POST", "/v1/luns/{lun}/nbd-access"): ADM,
+    ("DELETE", "/v1/luns/{lun}/nbd-access"): ADM,
 }
 RANK = {MON: 1, OPS: 2, ADM: 3}
 

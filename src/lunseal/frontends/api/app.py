@@ -34,6 +34,7 @@ from lunseal.frontends.api.auth import allow, install_auth, note_error
 from lunseal.frontends.api.iscsi_routes import install_iscsi_routes
 from lunseal.frontends.api.metrics import Exposure, Sources, render
 from lunseal.frontends.api.mirror_routes import install_mirror_routes
+from lunseal.frontends.api.nbd_access_routes import install_nbd_access_routes
 from lunseal.frontends.api.state_routes import install_state_routes
 from lunseal.frontends.nbd.server import NbdServer
 from lunseal.schema.luns import (
@@ -95,6 +96,7 @@ def create_app(ctx: DaemonContext) -> FastAPI:
     install_mirror_routes(app, ctx.array)
     install_iscsi_routes(app, ctx.array, lambda: (ctx.iscsi_target, ctx.iscsi_portal))
     install_access_routes(app, catalog.api_tokens, catalog.audit)
+    install_nbd_access_routes(app, ctx.array)
     _install_metrics(app, ctx)
     return app
 

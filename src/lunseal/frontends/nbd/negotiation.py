@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from lunseal.engine.lun import Lun
 from lunseal.frontends.nbd import codec
 from lunseal.frontends.nbd import constants as c
+from lunseal.frontends.nbd.access import Access
 from lunseal.tlsconfig import TlsMode
 
 BASE_ALLOCATION = "base:allocation"
@@ -19,6 +20,12 @@ BASE_ALLOCATION_ID = 1
 
 #: Resolves an export name to a LUN (``None``: no such export).
 ExportResolver = Callable[[str], Lun | None]
+#: What this connection's client may do with a LUN (the export ACL).
+AccessCheck = Callable[[Lun], Access]
+
+
+def _anyone(_lun: Lun) -> Access:
+    return Access.READ_WRITE
 
 
 @dataclass
@@ -29,12 +36,15 @@ class Outcome:
     close: bool = False
     #: Set when the replies end with STARTTLS's ACK: the TLS handshake comes next.
     starttls: bool = False
+    #: The client may only read ``lun`` (its ACL entry is read-only).
+    read_only: bool = False
 
 
 @dataclass
 class Negotiator:
     resolve: ExportResolver
     list_exports: Callable[[], Iterable[Lun]]
+    access: AccessCheck = _anyone
     no_zeroes: bool = False
     structured: bool = False
     #: Export name the selected meta contexts belong to, and the contexts.
@@ -88,15 +98,15 @@ class Negotiator:
 
     def _export_name(self, option: int, data: bytes) -> Outcome:
         name = codec.parse_export_name(data)
-        lun = self.resolve(name)
+        lun, access = self._resolve(name)
         if lun is None or not lun.available:
             # The protocol has no error reply for EXPORT_NAME: hang up.
             return Outcome([], close=True)
         self._keep_contexts_for(name)
-        flags = transmission_flags(lun, structured=self.structured)
-        return Outcome(
-            [codec.export_name_reply(lun.size, flags, no_zeroes=self.no_zeroes)], lun=lun
-        )
+        read_only = access is Access.READ_ONLY
+        flags = transmission_flags(lun, structured=self.structured, read_only=read_only)
+        reply = codec.export_name_reply(lun.size, flags, no_zeroes=self.no_zeroes)
+        return Outcome([reply], lun=lun, read_only=read_only)
 
     def _abort(self, option: int, data: bytes) -> Outcome:
         return Outcome([codec.option_reply(option, c.REP_ACK)], close=True)
@@ -109,7 +119,7 @@ class Negotiator:
         replies = [
             codec.option_reply(option, c.REP_SERVER, codec.server_entry(lun.name, describe(lun)))
             for lun in self.list_exports()
-            if lun.available
+            if lun.available and self.access(lun) is not Access.NONE
         ]
         return Outcome([*replies, codec.option_reply(option, c.REP_ACK)])
 
@@ -124,10 +134,11 @@ class Negotiator:
 
     def _info_or_go(self, option: int, data: bytes) -> Outcome:
         name, wanted = codec.parse_info_request(data)
-        lun = self.resolve(name)
+        lun, access = self._resolve(name)
         if lun is None or not lun.available:
             return Outcome([_unknown_export(option, name, lun)])
-        flags = transmission_flags(lun, structured=self.structured)
+        read_only = access is Access.READ_ONLY
+        flags = transmission_flags(lun, structured=self.structured, read_only=read_only)
         infos = [codec.info_export(lun.size, flags)]
         if c.INFO_NAME in wanted:
             infos.append(codec.info_name(lun.name))
@@ -140,7 +151,7 @@ class Negotiator:
         if option == c.OPT_INFO:
             return Outcome(replies)
         self._keep_contexts_for(name)
-        return Outcome(replies, lun=lun)
+        return Outcome(replies, lun=lun, read_only=read_only)
 
     def _structured_reply(self, option: int, data: bytes) -> Outcome:
         if data:
@@ -163,7 +174,7 @@ class Negotiator:
                 ]
             )
         name, queries = codec.parse_meta_context_request(data)
-        lun = self.resolve(name)
+        lun, _access = self._resolve(name)
         if lun is None or not lun.available:
             return Outcome([_unknown_export(option, name, lun)])
         if option == c.OPT_LIST_META_CONTEXT:
@@ -181,6 +192,15 @@ class Negotiator:
             replies.append(codec.option_reply(option, c.REP_META_CONTEXT, entry))
         replies.append(codec.option_reply(option, c.REP_ACK))
         return Outcome(replies)
+
+    def _resolve(self, name: str) -> tuple[Lun | None, Access]:
+        """The LUN a name opens for this client: one it may not open is
+        answered exactly as a missing one, so its name and size do not leak."""
+        lun = self.resolve(name)
+        if lun is None:
+            return None, Access.NONE
+        access = self.access(lun)
+        return (None, access) if access is Access.NONE else (lun, access)
 
     def _keep_contexts_for(self, name: str) -> None:
         # Contexts chosen with SET_META_CONTEXT apply only to the export they named.
@@ -214,11 +234,11 @@ def describe(lun: Lun) -> str:
     return f"lunseal LUN {lun.record.number} ({lun.record.uuid})"
 
 
-def transmission_flags(lun: Lun, *, structured: bool) -> int:
+def transmission_flags(lun: Lun, *, structured: bool, read_only: bool = False) -> int:
     # MULTI_CONN is correct: every connection shares one file descriptor and
     # there is no per-connection cache, so a FLUSH on one covers all.
     flags = c.TF_HAS_FLAGS | c.TF_SEND_FLUSH | c.TF_SEND_CACHE | c.TF_CAN_MULTI_CONN
-    if lun.read_only:
+    if lun.read_only or read_only:
         flags |= c.TF_READ_ONLY
     else:
         flags |= c.TF_SEND_FUA | c.TF_SEND_TRIM | c.TF_SEND_WRITE_ZEROES | c.TF_SEND_FAST_ZERO

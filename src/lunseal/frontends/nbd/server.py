@@ -38,6 +38,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -48,6 +49,7 @@ from lunseal.engine.lun import Lun
 from lunseal.engine.worker import WorkerStopped
 from lunseal.errors import ProtocolError
 from lunseal.frontends.nbd import constants as c
+from lunseal.frontends.nbd.access import Access, Peer, access_for, peer_of
 from lunseal.frontends.nbd.codec import ClientFlags, OptionRequest, Request, ServerCodec
 from lunseal.frontends.nbd.negotiation import Negotiator
 from lunseal.frontends.nbd.transmission import ZERO_COPY_MIN, Buffers, Transmission
@@ -94,6 +96,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         #: Between STARTTLS's ACK and the end of the TLS handshake: nothing is read.
         self._upgrading = False
         self._upgrade_task: asyncio.Task[None] | None = None
+        self._peer = Peer()
+        #: What the export ACL granted when transmission started.
+        self.granted: Access | None = None
         self.transmission: Transmission | None = None
         self.lun: Lun | None = None
         self.transport: asyncio.Transport | None = None
@@ -132,6 +137,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         self._sock_fd = sock.fileno() if sock is not None else -1
         self.peer = _peer_name(transport.get_extra_info("peername"), sock)
+        self._peer = peer_of(sock, transport.get_extra_info("peername"), ())
         self.server.connections.add(self)
         timeout = self.server.handshake_timeout
         if timeout is not None:
@@ -418,7 +424,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         elif outcome.starttls:
             self._start_tls(out)
         elif outcome.lun is not None:
-            self._start_transmission(outcome.lun)
+            self._start_transmission(outcome.lun, outcome.read_only)
 
     # -- TLS ----------------------------------------------------------------------
 
@@ -428,6 +434,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             list_exports=self.server.array.luns,
             tls_mode=self.tls_mode,
             tls_active=tls_active,
+            access=self.access_to,
         )
 
     def _start_tls(self, out: Buffers) -> None:
@@ -487,7 +494,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         )
         self._process()
 
-    def _start_transmission(self, lun: Lun) -> None:
+    def access_to(self, lun: Lun) -> Access:
+        """What the export ACL lets this client do with ``lun`` now."""
+        peer = Peer(self._peer.address, self._peer.uid, tuple(self.client_identities))
+        return access_for(self.server.array.catalog.nbd_access, lun, peer)
+
+    def _start_transmission(self, lun: Lun, read_only: bool = False) -> None:
         self.codec.start_transmission()
         self._cancel_handshake_timer()
         self.lun = lun
@@ -496,7 +508,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             lun,
             structured=self.negotiator.structured,
             base_allocation=self.negotiator.base_allocation,
+            read_only=read_only,
         )
+        self.granted = Access.READ_ONLY if read_only else Access.READ_WRITE
         log.info("NBD client %s attached to LUN %s", self.peer, lun.name)
 
     def _handshake_expired(self) -> None:
@@ -636,9 +650,21 @@ class NbdServer:
         self._fd_log = _Throttled()
         self.tcp_address: tuple[str, int] | None = None
         self.unix_path: Path | None = None
+        self._acl_hook: Callable[[str], None] | None = None
 
     def resolve(self, name: str) -> Lun | None:
         return self.array.default_lun() if name == "" else self.array.find(name)
+
+    def access_changed(self) -> None:
+        """After an export ACL change: end every connection in transmission whose
+        access differs now (one that lost it, or moved between ro and rw).  Ones
+        still negotiating are checked at each option anyway."""
+        for conn in list(self.connections):
+            if conn.lun is None or conn.granted is None:
+                continue
+            now = conn.access_to(conn.lun)
+            if now is not conn.granted:
+                conn.revoke(f"its NBD access to LUN {conn.lun.name} changed to {now.value}")
 
     def _factory(self, family: int = socket.AF_INET) -> NbdConnection:
         return NbdConnection(self, tls_mode=self._tls_mode(family))
@@ -698,6 +724,26 @@ class NbdServer:
         loop.add_reader(sock.fileno(), self._accept, sock)
         if self._fd_watch is None:
             self._fd_watch = loop.create_task(self._watch_descriptors())
+        if self._acl_hook is None:
+            self._acl_hook = self._on_acl_change_from(loop)
+            self.array.catalog.nbd_access.on_change.append(self._acl_hook)
+
+    def _on_acl_change_from(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        def changed(_lun_uuid: str) -> None:
+            # Every connection is checked, not only the LUN's users: cheap, and
+            # the same path serves any later change that spans LUNs.  On the
+            # loop (the API's routes) at once, so the change holds when the
+            # call returns.
+            try:
+                here = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                here = False
+            if here:
+                self.access_changed()
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(self.access_changed)
+
+        return changed
 
     async def _watch_descriptors(self) -> None:
         """Say so when the process runs out of descriptors.
@@ -811,6 +857,10 @@ class NbdServer:
             loop.remove_reader(sock.fileno())
             sock.close()
         self._listeners.clear()
+        if self._acl_hook is not None:
+            with contextlib.suppress(ValueError):
+                self.array.catalog.nbd_access.on_change.remove(self._acl_hook)
+            self._acl_hook = None
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, let every connection send its queued replies, close."""

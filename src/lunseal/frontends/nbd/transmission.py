@@ -42,6 +42,8 @@ _ALLOWED_FLAGS = {
     c.CMD_WRITE_ZEROES: c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_FAST_ZERO,
     c.CMD_BLOCK_STATUS: c.CMD_FLAG_FUA | c.CMD_FLAG_REQ_ONE,
 }
+#: The commands a read-only grant refuses (EPERM, as a read-only LUN does).
+_WRITES = frozenset({c.CMD_WRITE, c.CMD_TRIM, c.CMD_WRITE_ZEROES})
 
 #: Reply pieces: bytes to send, or a file range the connection sends zero-copy.
 Buffers = list[bytes | memoryview | FileSlice]
@@ -64,8 +66,11 @@ class Transmission:
         structured: bool,
         base_allocation: bool,
         max_payload: int = c.MAX_PAYLOAD,
+        read_only: bool = False,
     ) -> None:
         self.lun = lun
+        #: The export ACL grants this client reading only.
+        self.read_only = read_only
         self.structured = structured
         self.base_allocation = base_allocation
         self.max_payload = max_payload
@@ -93,6 +98,9 @@ class Transmission:
         if req.flags & ~_ALLOWED_FLAGS[req.type]:
             message = f"flags {req.flags:#x} not valid for this command"
             self._error(req, c.EINVAL, message, out)
+            return False
+        if self.read_only and req.type in _WRITES:
+            self._error(req, c.EPERM, f"export {self.lun.name} is read-only for this client", out)
             return False
         return True
 

@@ -23,6 +23,7 @@ from lunseal.host.cli import (
     iscsi,
     lun,
     mirror,
+    nbd,
     serve,
     state,
     status,
@@ -106,6 +107,7 @@ app.add_typer(iscsi.app, name="iscsi")
 app.add_typer(token.app, name="token")
 app.command("audit")(audit.audit)
 app.add_typer(config.app, name="config")
+app.add_typer(nbd.app, name="nbd")
 app.command("restore")(backup.restore)
 app.command("demo")(demo.demo)
 
