@@ -200,3 +200,29 @@ def test_fio_nbd_engine_over_tls(tls_daemon: Daemon, pki: Pki) -> None:
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == SIZE
     assert job["read"]["io_bytes"] == SIZE  # the verify pass read it all back
+
+
+def test_export_acl_matches_the_client_certificate(
+    tls_daemon: Daemon, pki: Pki, tmp_path: Path
+) -> None:
+    """`cert:` entries of the export ACL match the verified client certificate's
+    name: the client's LUN is listed and writable, another client's is hidden."""
+    require_tools("nbdinfo", "nbdcopy")
+    with ArrayClient(tls_daemon.api_url, tls_daemon.token) as api:
+        api.create_lun("other", SIZE)
+        api.allow_nbd("disk", "cert:backup-host", "rw")  # make_pki's client name
+        api.allow_nbd("other", "cert:someone-else", "rw")
+    certs = pki.client_dir("libnbd")
+    listed = run("nbdinfo", "--list", nbds(tls_daemon, certs, "")).stdout
+    assert 'export="disk"' in listed
+    assert "other" not in listed
+    src = random_file(tmp_path / "src.raw", SIZE)
+    run("nbdcopy", "--flush", str(src), nbds(tls_daemon, certs))
+    back = tmp_path / "back.raw"
+    run("nbdcopy", nbds(tls_daemon, certs), str(back))
+    assert sha256(back) == sha256(src)
+    # The Unix socket has no certificate: the ACL hides the LUN there too.
+    unix = run("qemu-img", "info", tls_daemon.uri("disk"), check=False)
+    assert unix.returncode != 0
+    refused = run("nbdcopy", str(src), nbds(tls_daemon, certs, "other"), check=False)
+    assert refused.returncode != 0
