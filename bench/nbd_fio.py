@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lunseal.units import parse_size
+
 LUN_NAME = "bench"
 START_TIMEOUT = 30.0
 
@@ -377,13 +379,6 @@ def environment() -> dict[str, Any]:
 
 
 # -- main ------------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """Bytes, or a number with a binary unit K, M or G."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    unit = units.get(text[-1:].upper(), 1)
-    return int(text[:-1] if unit > 1 else text) * unit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
