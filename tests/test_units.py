@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from lunseal.errors import InvalidArgument
@@ -89,8 +89,10 @@ def test_small_byte_counts_round_trip(size: int) -> None:
 
 
 @given(st.integers(1 << 10, 1 << 60).filter(lambda n: n % 1024))
+@example(217344)  # 212.25K: a tie that binary floats put a hair past the bound
 def test_other_sizes_are_shown_rounded_to_one_decimal(size: int) -> None:
     text = format_size(size)
     number, unit = float(text[:-1]), {"K": K, "M": M, "G": G, "T": T, "P": P}[text[-1]]
     assert number >= 1
-    assert abs(number * unit - size) <= 0.05 * unit
+    # Half a tenth at most; the slack covers binary floats (212.25K shows as 212.2K).
+    assert abs(number * unit - size) <= 0.05 * unit * (1 + 1e-9)
