@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 import typer
 from pydantic import BaseModel
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -107,8 +108,18 @@ def emit(
         human()
 
 
+class PlainTable(Table):
+    """A table whose cells are text, never rich markup: names, paths, audit
+    details and error messages may hold brackets ("[/PREFIX]") that markup
+    would misread or choke on."""
+
+    def add_row(self, *renderables: RenderableType | None, **kwargs: Any) -> None:
+        cells = [escape(c) if isinstance(c, str) else c for c in renderables]
+        super().add_row(*cells, **kwargs)
+
+
 def table(*columns: str) -> Table:
-    t = Table(show_edge=False, header_style="bold")
+    t = PlainTable(show_edge=False, header_style="bold")
     for col in columns:
         if col in {"#", "SIZE", "CONNS"}:
             t.add_column(col, justify="right", overflow="fold")
