@@ -436,3 +436,69 @@ def test_an_acl_change_closes_sessions_that_lost_their_access(served: Served) ->
     finally:
         keep.close()
         lose.close()
+
+
+class BatchCounter:
+    """A LUN batch hook: counts the batches (worker jobs) the LUN ran."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def begin_batch(self) -> None:
+        self.batches += 1
+
+    def end_batch(self) -> None:
+        pass
+
+
+def test_commands_received_while_the_worker_is_busy_join_its_next_job(served: Served) -> None:
+    """Receives that arrive before the worker started the connection's last job
+    are added to it: one hand-off, one pair of stamps, one reply wake-up for all,
+    and the answers still come back in order."""
+    lun = served.array.lun("disk")
+    assert lun.worker is not None
+    counter = BatchCounter()
+    lun.batch_hooks.append(counter)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        assert release.wait(60)
+
+    count = 6
+    sock = served.raw()
+    try:
+        login_raw(sock)
+        (conn,) = served.call(lambda: list(served.server.connections))
+        lun.worker.post(hold)
+        assert busy.wait(30)
+        for i in range(count):  # one receive each: the server has parsed it before the next
+            command = p.scsi_command(
+                itt=i + 1,
+                lun=p.lun_field(0),
+                cdb=read10(i * 8, 8),
+                cmdsn=1 + i,
+                exp_statsn=0,
+                expected_length=4096,
+                read=True,
+            )
+            sock.sendall(command)
+            for _ in range(3000):  # bounded by count, not by the machine's speed
+                if served.call(lambda: conn._inflight_bytes) == (i + 1) * 4096:
+                    break
+                time.sleep(0.01)
+            assert served.call(lambda: conn._inflight_bytes) == (i + 1) * 4096
+        release.set()
+        dec = p.PduDecoder(expect=p.TARGET_OPCODES)
+        done: list[int] = []
+        while len(done) < count:
+            pdu = dec.next_pdu()
+            if pdu is None:
+                dec.receive_data(sock.recv(65536))
+            elif pdu.bhs[1] & 0x01 or pdu.opcode == p.SCSI_RESPONSE:  # status in it
+                done.append(pdu.u32(16))
+        assert done == list(range(1, count + 1))
+        assert counter.batches == 1  # one job ran all six commands
+    finally:
+        release.set()
+        sock.close()

@@ -26,7 +26,9 @@ import itertools
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 from lunseal.engine.backends.base import FileSlice
@@ -53,6 +55,8 @@ QUEUE_CAP = 32 << 20
 #: Commands, and bytes of their data, handed to a worker in one job at most.
 MAX_BATCH = 64
 BATCH_BYTES = 4 << 20
+#: Commands one job may gather from receives made while its worker was busy.
+MAX_JOINED = 128
 WRITE_HIGH_WATER = 8 << 20
 WRITE_LOW_WATER = 2 << 20
 SOCKET_BUFFER = 4 << 20
@@ -85,6 +89,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._heard = True  # something arrived since the last keep-alive tick
         self._timers: list[asyncio.TimerHandle] = []
         self._keepalive: asyncio.TimerHandle | None = None
+        #: This connection's last command job while its worker has not started
+        #: it: commands for the same LUN received meanwhile join it.
+        self._waiting: _Job | None = None
+        self._waiting_lock = threading.Lock()
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -269,24 +277,47 @@ class IscsiConnection(asyncio.BufferedProtocol):
         return self.server.target.lun(conn.nexus, number)
 
     def _submit(self, lun: Lun | None, batch: list[CommandWork]) -> None:
-        target = self.server.target
         cost = sum(w.task.edtl for w in batch)
-        self._inflight += 1
         self._inflight_bytes += cost
         self.peak_queued = max(self.peak_queued, self.queued_bytes)
-        items = list(batch)
+        with self._waiting_lock:
+            waiting = self._waiting
+            if (
+                waiting is not None
+                and waiting.lun is lun
+                and len(waiting.items) + len(batch) <= MAX_JOINED
+            ):
+                # The worker has not started this connection's last job for the
+                # LUN: it runs these commands too, after its own (so in order),
+                # and the hand-off, the batch stamps and the reply wake-up are
+                # paid once for both.
+                waiting.items.extend(batch)
+                waiting.cost += cost
+                return
+            entry = _Job(lun, list(batch), cost)
+            self._waiting = entry if lun is not None and lun.worker is not None else None
+        self._inflight += 1
+        target, lock = self.server.target, self._waiting_lock
 
         def job() -> list[ScsiResult]:
+            with lock:  # from here on, later commands get a job of their own
+                if self._waiting is entry:
+                    self._waiting = None
+            items = entry.items
             if lun is None:
                 return [_execute(target, w) for w in items]
-            # One receive's commands as one batch: the tamper watch stamps the
+            # One job's commands as one batch: the tamper watch stamps the
             # backing file once for all of them, as for NBD.
             with lun.batch():
                 return [_execute(target, w) for w in items]
 
-        self._on_worker(lun, job, lambda results: self._commands_done(items, results, cost))
+        self._on_worker(
+            lun, job, lambda results: self._commands_done(entry.items, results, entry.cost)
+        )
 
     def _submit_tmf(self, lun: Lun | None, item: TmfWork) -> None:
+        with self._waiting_lock:  # commands after the TMF must not join a job before it
+            self._waiting = None
         self._inflight += 1
 
         def job() -> None:
@@ -381,6 +412,15 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self._closed = True
             self.transport.close()
+
+
+@dataclass
+class _Job:
+    """A command job handed to a LUN's worker; it grows until the worker starts it."""
+
+    lun: Lun | None
+    items: list[CommandWork]
+    cost: int
 
 
 def _execute(target: ScsiTargetLike, work: CommandWork) -> ScsiResult:
