@@ -28,6 +28,7 @@ from lunseal.frontends.scsi.cdb import MAX_TRANSFER_BLOCKS
 from lunseal.frontends.scsi.interface import CHECK_CONDITION, GOOD, LunAccess
 from lunseal.frontends.scsi.target import ScsiTarget
 from lunseal.host.iscsi.initiator import Initiator, IscsiError, LoginRefused
+from tests.frontends.scsi.cdbs import read10, write10
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -35,26 +36,6 @@ TARGET = "iqn.2026-12.io.lunseal:lunseal.srv"
 TUR = bytes(6)
 CHAP = ChapSecret("chap-user", "chap-secret-0123")
 MUTUAL = ChapSecret("target-user", "target-secret-45")
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return (
-        bytes([0x28, 0])
-        + lba.to_bytes(4, "big")
-        + bytes([0])
-        + blocks.to_bytes(2, "big")
-        + bytes([0])
-    )
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return (
-        bytes([0x2A, 0])
-        + lba.to_bytes(4, "big")
-        + bytes([0])
-        + blocks.to_bytes(2, "big")
-        + bytes([0])
-    )
 
 
 class Acl:

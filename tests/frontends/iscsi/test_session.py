@@ -16,32 +16,13 @@ from lunseal.frontends.iscsi import text
 from lunseal.frontends.iscsi.access import OpenAccess
 from lunseal.frontends.scsi.interface import CHECK_CONDITION, GOOD
 from lunseal.frontends.scsi.target import ScsiTarget
+from tests.frontends.scsi.cdbs import read10, write10
 from tests.support.arrays import Arrays
 
 MiB = 1 << 20
 TARGET = "iqn.2026-12.io.lunseal:lunseal.test"
 TUR = bytes(6)
 READ_CAPACITY_10 = bytes([0x25]) + bytes(9)
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return (
-        bytes([0x28, 0])
-        + lba.to_bytes(4, "big")
-        + bytes([0])
-        + blocks.to_bytes(2, "big")
-        + bytes([0])
-    )
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return (
-        bytes([0x2A, 0])
-        + lba.to_bytes(4, "big")
-        + bytes([0])
-        + blocks.to_bytes(2, "big")
-        + bytes([0])
-    )
 
 
 class Harness:

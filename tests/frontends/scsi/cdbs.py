@@ -68,3 +68,11 @@ def mode_sense10(page: int, alloc: int = 1024, *, llbaa: bool = False) -> bytes:
 
 
 TUR = bytes(6)
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return rw10(0x28, lba, blocks)
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return rw10(0x2A, lba, blocks)
